@@ -1,0 +1,72 @@
+"""Stage 4: pretrain backbone + head on the source task.
+
+The whole network trains (BatchNorm in training mode), initialised from
+model.weights. A checkpoint after every epoch lets an interrupted run
+continue where it stopped; it is discarded when params or inputs change.
+"""
+
+from __future__ import annotations
+
+import time
+
+from transfer.config import load_params
+from transfer.errors import run_stage
+from transfer.models import build_base, classifier, count_params
+from transfer.outputs import atomic_output, write_json
+from transfer.paths import CHECKPOINTS, METRICS, PRETRAINED_MODEL, RECORDS
+from transfer.records import check_shards, dataset, open_split
+from transfer.training import (
+    EVAL_BATCH,
+    Runtime,
+    compile_model,
+    evaluate_splits,
+    fingerprint,
+    fit,
+    metrics_report,
+    resume,
+    set_up,
+    write_history,
+)
+
+SPLITS = ("train", "val", "test")
+
+
+def main() -> None:
+    started = time.perf_counter()
+    params = load_params()
+    splits = {name: open_split(RECORDS, "source", name) for name in SPLITS}
+    for split in splits.values():
+        check_shards(split)
+    runtime: Runtime = set_up(params.train, params.seed)
+    settings = params.pretrain
+    train = splits["train"]
+    checkpoints = CHECKPOINTS / "pretrain"
+    key = fingerprint("pretrain", params.seed, params.model.model_dump(), settings.model_dump(),
+                      (RECORDS / "meta.json").read_text())
+
+    model, progress = resume(checkpoints, key)
+    if model is None:
+        base = build_base(params.model.backbone, train.image_size, params.model.weights)
+        model = classifier(base, params.model.backbone, len(train.classes), params.model.head_units,
+                           params.model.dropout, base_training=None)
+    compile_model(model, settings.learning_rate, params.train, runtime, optimizer=getattr(model, "optimizer", None))
+
+    train_data = dataset(train, settings.batch_size, shuffle_buffer=params.train.shuffle_buffer, seed=params.seed)
+    fit(model, train_data, dataset(splits["val"], EVAL_BATCH), settings.epochs, progress, train.count,
+        checkpoints, key)
+
+    evaluation, _, _ = evaluate_splits(
+        model, {name: dataset(split, EVAL_BATCH) for name, split in splits.items()}, train.classes
+    )
+    with atomic_output(PRETRAINED_MODEL) as path:
+        model.save(path)
+    write_history(METRICS / "pretrain_history.csv", progress.history)
+    write_json(METRICS / "pretrain.json", metrics_report(
+        strategy=None, model=model, trainable_params=count_params(model.trainable_weights),
+        evaluation=evaluation, progress=progress, stage_seconds=time.perf_counter() - started, runtime=runtime,
+    ))
+    print(f"pretrain: source test accuracy {evaluation['test']['accuracy']:.4f} -> {PRETRAINED_MODEL}")
+
+
+if __name__ == "__main__":
+    run_stage(main)

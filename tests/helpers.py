@@ -1,0 +1,129 @@
+"""Test helpers: tiny CIFAR-10 archives in the official layout, and a project copy to run DVC in."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from transfer.cifar10 import META, TEST_BATCH, TRAIN_BATCHES
+from transfer.config import CIFAR10_CLASSES
+
+ROOT = Path(__file__).resolve().parents[1]
+PROJECT_FILES = ("dvc.yaml", "params.yaml", "stages", "transfer", "profiles", "pyproject.toml")
+
+
+def learnable_images(labels: np.ndarray, seed: int) -> np.ndarray:
+    """32x32 images whose mean colour depends on the class, plus noise, so a model can learn them."""
+    rng = np.random.default_rng(seed)
+    palette = np.random.default_rng(0).integers(30, 225, size=(len(CIFAR10_CLASSES), 3))
+    noise = rng.normal(0, 25, size=(len(labels), 32, 32, 3))
+    return np.clip(palette[labels][:, None, None, :] + noise, 0, 255).astype(np.uint8)
+
+
+def write_archive(path: Path, train_per_class: int = 12, test_per_class: int = 4) -> Path:
+    """A CIFAR-10 archive in the official python layout, with few images per class."""
+    classes = len(CIFAR10_CLASSES)
+    train_labels = np.tile(np.arange(classes), train_per_class)
+    test_labels = np.tile(np.arange(classes), test_per_class)
+    train_images = learnable_images(train_labels, seed=1)
+    test_images = learnable_images(test_labels, seed=2)
+
+    def add(archive: tarfile.TarFile, name: str, payload: dict) -> None:
+        data = pickle.dumps(payload)
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        archive.addfile(info, io.BytesIO(data))
+
+    def batch(images: np.ndarray, labels: np.ndarray, label: str) -> dict:
+        rows = images.transpose(0, 3, 1, 2).reshape(len(images), -1)  # R plane, G plane, B plane
+        return {b"batch_label": label.encode(), b"labels": [int(x) for x in labels], b"data": rows,
+                b"filenames": [f"{i}.png".encode() for i in range(len(labels))]}
+
+    parts = np.array_split(np.arange(len(train_labels)), len(TRAIN_BATCHES))
+    with tarfile.open(path, "w:gz") as archive:
+        for name, part in zip(TRAIN_BATCHES, parts):
+            add(archive, name, batch(train_images[part], train_labels[part], name))
+        add(archive, TEST_BATCH, batch(test_images, test_labels, "testing batch 1 of 1"))
+        add(archive, META, {b"label_names": [c.encode() for c in CIFAR10_CLASSES],
+                            b"num_cases_per_batch": len(parts[0]), b"num_vis": 3072})
+    return path
+
+
+def md5_of(path: Path) -> str:
+    import hashlib
+
+    return hashlib.md5(Path(path).read_bytes()).hexdigest()
+
+
+TINY_PARAMS = {
+    "model.backbone": "small_cnn",
+    "model.weights": "none",
+    "model.head_units": 16,
+    "preprocess.image_size": 32,
+    "preprocess.encoding": "raw",
+    "pretrain.epochs": 2,
+    "finetune.epochs": 2,
+    "pretrain.batch_size": 8,
+    "finetune.batch_size": 8,
+    "train.steps_per_execution": 1,
+    "train.shuffle_buffer": 64,
+}
+
+
+def set_params(params_file: Path, overrides: dict) -> None:
+    params = yaml.safe_load(params_file.read_text())
+    for dotted, value in overrides.items():
+        *parents, leaf = dotted.split(".")
+        section = params
+        for key in parents:
+            section = section[int(key) if key.isdigit() else key]
+        section[leaf] = value
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def make_project(folder: Path, archive: Path, overrides: dict | None = None, git: bool = True) -> Path:
+    """A copy of the project in `folder`, set to tiny sizes and the given archive."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in PROJECT_FILES:
+        source = ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, folder / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(source, folder / name)
+    (folder / ".gitignore").write_text("/data/\n/models/\n/checkpoints/\n__pycache__/\n")
+    set_params(folder / "params.yaml", {**TINY_PARAMS, "data.url": str(archive), "data.md5": md5_of(archive),
+                                       **(overrides or {})})
+    if git:
+        run(["git", "init", "-q"], folder)
+        run(["git", "config", "user.name", "Test"], folder)  # dvc exp run commits experiments
+        run(["git", "config", "user.email", "test@example.com"], folder)
+        run(["dvc", "init", "-q"], folder)
+        run(["dvc", "config", "core.analytics", "false"], folder)
+        run(["git", "add", "-A"], folder)
+        run(["git", "commit", "-qm", "project"], folder)
+    return folder
+
+
+def run(command: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "DVC_NO_ANALYTICS": "1", "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=environment)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def run_stage(stage: str, cwd: Path, check: bool = False) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", f"stages.{stage}"], cwd, check=check)
+
+
+def last_line(result: subprocess.CompletedProcess) -> str:
+    return result.stderr.strip().splitlines()[-1]

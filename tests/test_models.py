@@ -1,0 +1,115 @@
+"""Models: trainable counts per strategy, and the cached frozen prefix against the plain path."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+from helpers import make_project, run_stage
+
+from stages.finetune import build_model, labelled_subset, train_and_evaluate
+from transfer.config import Strategy, load_params
+from transfer.models import base_of, build_base, classifier, count_params, freeze, frozen_prefix
+from transfer.records import open_split
+from transfer.training import set_up
+
+# The reference notebook's counts for InceptionV3 with 5 target classes.
+EXPECTED_TRAINABLE = {1: 262_917, 2: 263_109}
+
+
+@pytest.fixture(scope="module")
+def inception():
+    base = build_base("inception_v3", 75, "none")
+    return classifier(base, "inception_v3", 5, 128, 0.5, base_training=False)
+
+
+@pytest.mark.parametrize("strategy", [1, 2, 3])
+def test_inception_trainable_counts(inception, strategy):
+    strategies = load_params().strategies
+    freeze(base_of(inception), strategies[strategy])
+    trainable = count_params(inception.trainable_weights)
+    if strategy in EXPECTED_TRAINABLE:
+        assert trainable == EXPECTED_TRAINABLE[strategy]
+    else:  # Keras' classic recipe: everything from mixed9 (layer 249) on trains
+        assert trainable == 11_377_797
+        assert [layer.trainable for layer in base_of(inception).layers].index(True) == 249
+
+
+def test_all_and_none(inception):
+    base = base_of(inception)
+    freeze(base, Strategy(trainable_base_layers="all"))
+    assert count_params(inception.trainable_weights) == count_params(inception.weights) - _batchnorm_statistics(base)
+    freeze(base, Strategy(trainable_base_layers=0))
+    assert count_params(inception.trainable_weights) == EXPECTED_TRAINABLE[1]
+
+
+def _batchnorm_statistics(base) -> int:
+    return sum(count_params([layer.moving_mean, layer.moving_variance])
+               for layer in base.layers if isinstance(layer, keras.layers.BatchNormalization))
+
+
+@pytest.mark.parametrize("strategy", [1, 2])
+def test_prefix_and_suffix_compute_the_whole_model(inception, strategy):
+    freeze(base_of(inception), load_params().strategies[strategy])
+    prefix, suffix = frozen_prefix(inception)
+    assert count_params(prefix.trainable_weights) == 0
+    assert count_params(suffix.trainable_weights) == EXPECTED_TRAINABLE[strategy]
+    images = np.random.default_rng(0).uniform(0, 255, (3, 75, 75, 3)).astype("float32")
+    whole = inception(images, training=False)
+    split = suffix(prefix(images, training=False), training=False)
+    np.testing.assert_allclose(split, whole, rtol=1e-5, atol=1e-6)
+
+
+def test_nothing_to_cache_when_the_whole_base_trains(inception):
+    freeze(base_of(inception), Strategy(trainable_base_layers="all"))
+    assert frozen_prefix(inception) is None
+
+
+def test_labelled_subset_is_balanced_and_seeded():
+    labels = np.repeat(np.arange(5), 40)
+    keep = labelled_subset(labels, 7, seed=1)
+    assert np.bincount(labels[keep]).tolist() == [7] * 5
+    assert np.array_equal(keep, labelled_subset(labels, 7, seed=1))
+    assert not np.array_equal(keep, labelled_subset(labels, 7, seed=2))
+    assert labelled_subset(labels, None, seed=1) is None
+
+
+@pytest.fixture(scope="module")
+def inception_project(tmp_path_factory, tiny_archive):
+    """Target TFRecords at 75 px and a (randomly initialised) pretrained InceptionV3 classifier."""
+    project = make_project(tmp_path_factory.mktemp("cache") / "p", tiny_archive,
+                           {"model.backbone": "inception_v3", "preprocess.image_size": 75,
+                            "finetune.epochs": 1, "finetune.batch_size": 16}, git=False)
+    for stage in ("download", "split", "preprocess"):
+        run_stage(stage, project, check=True)
+    model = classifier(build_base("inception_v3", 75, "none"), "inception_v3", 5, 16, 0.5, base_training=None)
+    (project / "models").mkdir()
+    model.save(project / "models/pretrained.keras")
+    return project
+
+
+@pytest.mark.parametrize("strategy", [1, 2])
+def test_cached_features_train_the_same_model_as_the_plain_path(inception_project, monkeypatch, strategy):
+    monkeypatch.chdir(inception_project)
+    trained = {}
+    for cache in (True, False):
+        params = load_params()
+        params = params.model_copy(update={
+            "strategy": strategy,
+            "finetune": params.finetune.model_copy(update={"cache_features": cache}),
+        })
+        splits = {name: open_split(inception_project / "data/tfrecords", "target", name)
+                  for name in ("train", "val", "test")}
+        runtime = set_up(params.train, params.seed)
+        pretrained = keras.models.load_model("models/pretrained.keras")
+        model = build_model(params, pretrained, 5, 75)
+        before = [w.numpy().copy() for w in model.trainable_weights]
+        _, evaluation, _, _ = train_and_evaluate(params, model, splits, None, runtime)
+        trained[cache] = (before, [w.numpy() for w in model.trainable_weights], evaluation)
+    (before_cached, after_cached, eval_cached), (before_plain, after_plain, eval_plain) = trained[True], trained[False]
+    for start_a, start_b in zip(before_cached, before_plain):
+        np.testing.assert_array_equal(start_a, start_b)  # same seed, same fresh head
+    assert any(not np.array_equal(a, b) for a, b in zip(before_cached, after_cached))  # it did train
+    for a, b in zip(after_cached, after_plain):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    assert eval_cached["test"]["accuracy"] == pytest.approx(eval_plain["test"]["accuracy"], abs=1e-9)

@@ -1,0 +1,199 @@
+"""params.yaml, validated as a whole before any stage does work.
+
+params.yaml is the one source of truth: nothing here has a default, so a value
+the pipeline uses is always written in params.yaml and declared in dvc.yaml.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from transfer.errors import PipelineError
+
+PARAMS_FILE = Path("params.yaml")
+CIFAR10_CLASSES = (
+    "airplane", "automobile", "bird", "cat", "deer",
+    "dog", "frog", "horse", "ship", "truck",
+)
+INCEPTION_MIN_SIZE = 75
+
+ClassName = Literal[CIFAR10_CLASSES]  # type: ignore[valid-type]
+PositiveInt = Annotated[int, Field(ge=1)]
+# YAML 1.1 reads 1e-4 as a string, so floats accept numeric strings.
+PositiveFloat = Annotated[float, Field(gt=0, strict=False)]
+Toggle = Literal["auto", True, False]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class Data(Section):
+    url: str
+    md5: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
+    source_classes: Annotated[list[ClassName], Field(min_length=1)]
+    target_classes: Annotated[list[ClassName], Field(min_length=1)]
+    val_fraction: Annotated[float, Field(gt=0, lt=1, strict=False)]
+    max_per_class: PositiveInt | None
+    target_labels_per_class: PositiveInt | None
+
+    @model_validator(mode="after")
+    def _tasks_are_disjoint(self) -> Data:
+        for name in ("source_classes", "target_classes"):
+            classes = getattr(self, name)
+            if len(set(classes)) != len(classes):
+                raise ValueError(f"data.{name} lists a class twice: {classes}")
+        shared = sorted(set(self.source_classes) & set(self.target_classes))
+        if shared:
+            raise ValueError(f"classes in both tasks: {', '.join(shared)}")
+        return self
+
+
+class Preprocess(Section):
+    image_size: Annotated[int, Field(ge=8, le=1024)]
+    encoding: Literal["jpeg", "raw"]
+    jpeg_quality: Annotated[int, Field(ge=1, le=100)]
+    shard_size_mb: PositiveFloat
+    workers: PositiveInt | None
+
+
+class Model(Section):
+    backbone: Literal["inception_v3", "small_cnn"]
+    weights: str
+    head_units: PositiveInt
+    dropout: Annotated[float, Field(ge=0, lt=1, strict=False)]
+
+
+class Train(Section):
+    shuffle_buffer: PositiveInt
+    steps_per_execution: PositiveInt
+    deterministic: bool
+    mixed_precision: Toggle
+    jit_compile: Toggle
+
+
+class Optimisation(Section):
+    epochs: PositiveInt
+    batch_size: PositiveInt
+    learning_rate: PositiveFloat
+
+
+class Finetune(Optimisation):
+    cache_features: bool
+
+
+class Strategy(Section):
+    """How much of the pretrained base trains, and optional finetune overrides."""
+
+    trainable_base_layers: Annotated[int, Field(ge=0)] | Literal["all"] | None = None
+    frozen_base_layers: Annotated[int, Field(ge=0)] | None = None
+    base_weights: Literal["pretrained", "random"] = "pretrained"
+    epochs: PositiveInt | None = None
+    batch_size: PositiveInt | None = None
+    learning_rate: PositiveFloat | None = None
+
+    @model_validator(mode="after")
+    def _one_freezing_rule(self) -> Strategy:
+        given = [self.trainable_base_layers is not None, self.frozen_base_layers is not None]
+        if sum(given) != 1:
+            raise ValueError("give exactly one of trainable_base_layers, frozen_base_layers")
+        return self
+
+
+class Params(Section):
+    seed: int
+    strategy: int
+    data: Data
+    preprocess: Preprocess
+    model: Model
+    train: Train
+    pretrain: Optimisation
+    finetune: Finetune
+    strategies: dict[int, Strategy]  # integer keys: DVC sorts them and cannot mix types
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Params:
+        if self.strategy not in self.strategies:
+            known = ", ".join(str(name) for name in self.strategies)
+            raise ValueError(f"strategy {self.strategy!r} is not in strategies (known: {known})")
+        if self.model.backbone == "inception_v3" and self.preprocess.image_size < INCEPTION_MIN_SIZE:
+            raise ValueError(
+                f"preprocess.image_size={self.preprocess.image_size} is too small for inception_v3 "
+                f"(at least {INCEPTION_MIN_SIZE}); use a larger size or model.backbone=small_cnn"
+            )
+        if self.model.backbone != "inception_v3" and self.model.weights == "imagenet":
+            raise ValueError(
+                f"model.weights=imagenet exists only for inception_v3, not {self.model.backbone}; "
+                "use none or a path to a weights file"
+            )
+        return self
+
+    def chosen_strategy(self) -> Strategy:
+        return self.strategies[self.strategy]
+
+    def finetune_settings(self) -> Optimisation:
+        """finetune's epochs, batch size and learning rate after the strategy's overrides."""
+        chosen = self.chosen_strategy()
+        return Optimisation(
+            epochs=chosen.epochs or self.finetune.epochs,
+            batch_size=chosen.batch_size or self.finetune.batch_size,
+            learning_rate=chosen.learning_rate or self.finetune.learning_rate,
+        )
+
+
+def load_params(path: Path = PARAMS_FILE) -> Params:
+    """Read and check params.yaml; any problem is one PipelineError naming the key."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise PipelineError(f"{path} not found: run from the project root") from None
+    except yaml.YAMLError as error:
+        raise PipelineError(f"{path} is not valid YAML: {str(error).splitlines()[0]}") from None
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as error:
+        raise PipelineError(f"{path}: {describe(error)}") from None
+
+
+def describe(error: ValidationError) -> str:
+    """The first problem pydantic found, as 'key.path: what is wrong'."""
+    first = error.errors()[0]
+    location = ".".join(str(part) for part in first["loc"] if not _is_type_tag(part))
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        allowed = _allowed_keys(first["loc"][:-1])
+        message = f"unknown key (allowed: {', '.join(allowed)})"
+    elif first["type"] == "missing":
+        message = "missing"
+    elif first["type"] == "literal_error":
+        message = f"got {first['input']!r}; {message[0].lower()}{message[1:]}"
+    elif "input" in first and first["type"] not in ("value_error", "assertion_error"):
+        message = f"got {first['input']!r}: {message}"
+    if error.error_count() > 1:
+        message += f" (and {error.error_count() - 1} more problem(s))"
+    return f"{location}: {message}" if location else message
+
+
+def _is_type_tag(part: object) -> bool:
+    # pydantic names union branches ("int", "literal['all']", "constrained-int") in locations.
+    return isinstance(part, str) and (
+        part in ("int", "str", "float", "bool", "none") or "[" in part or "-" in part
+    )
+
+
+def _allowed_keys(location: tuple) -> list[str]:
+    section: type[BaseModel] = Params
+    for part in location:
+        if isinstance(part, int) or part not in section.model_fields:
+            section = Strategy  # inside strategies.<name>
+            continue
+        annotation = section.model_fields[part].annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            section = annotation
+        else:
+            section = Strategy
+    return list(section.model_fields)

@@ -1,0 +1,156 @@
+"""The classifier: preprocessing -> base (backbone) -> head, and how its base is frozen.
+
+    inputs (0..255) -> preprocess -> base -> pool -> head_dense (relu) -> head_dropout -> predictions
+
+The base is a nested keras Model (see base_of), so `base.layers` indexes exactly like the
+Keras application (the reference notebook and Keras' classic fine-tuning
+recipe count layers there).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import keras
+
+from transfer.config import Strategy
+from transfer.errors import PipelineError
+
+HEAD_AFTER_POOL = ("head_dense", "head_dropout", "predictions")
+WEIGHTS_HINT = "use -S model.weights=none (random initialisation) or a path to a weights file"
+
+
+def small_cnn(image_size: int) -> keras.Model:
+    """The seed notebook's network: three blocks of a 3x3 convolution and a max-pool."""
+    inputs = keras.Input((image_size, image_size, 3))
+    x = inputs
+    for filters in (32, 64, 128):
+        x = keras.layers.Conv2D(filters, 3, padding="same", activation="relu")(x)
+        x = keras.layers.MaxPooling2D()(x)
+    return keras.Model(inputs, x, name="small_cnn")
+
+
+def build_base(backbone: str, image_size: int, weights: str) -> keras.Model:
+    """The backbone without its classifier, initialised from `weights` (imagenet, none or a file)."""
+    if weights not in ("imagenet", "none") and not Path(weights).is_file():
+        raise PipelineError(f"model.weights: {weights} is not a file; {WEIGHTS_HINT}")
+    if backbone == "small_cnn":
+        base = small_cnn(image_size)
+        if weights != "none":
+            _load_weights_file(base, weights)
+        return base
+    try:
+        return keras.applications.InceptionV3(
+            include_top=False,
+            weights=None if weights == "none" else weights,
+            input_shape=(image_size, image_size, 3),
+        )
+    except Exception as error:  # keras raises plain Exception for a failed download
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        what = "download ImageNet weights" if weights == "imagenet" else f"load {weights}"
+        raise PipelineError(f"could not {what} for inception_v3 ({reason}); {WEIGHTS_HINT}") from None
+
+
+def _load_weights_file(base: keras.Model, path: str) -> None:
+    try:
+        base.load_weights(path)
+    except Exception as error:
+        raise PipelineError(f"model.weights: cannot load {path} into {base.name} ({error})") from None
+
+
+def classifier(
+    base: keras.Model,
+    backbone: str,
+    classes: int,
+    head_units: int,
+    dropout: float,
+    *,
+    base_training: bool | None,
+) -> keras.Model:
+    """Wrap `base` with preprocessing and a fresh head.
+
+    base_training=False keeps the base's BatchNorm layers in inference mode
+    even while the head trains, as the Keras transfer-learning guide says;
+    None lets fit() put them in training mode (pretraining, training from scratch).
+    """
+    inputs = keras.Input(base.input_shape[1:], name="images")
+    if backbone == "inception_v3":  # InceptionV3 expects pixels in [-1, 1]
+        x = keras.layers.Rescaling(1 / 127.5, offset=-1, name="preprocess")(inputs)
+        pool = keras.layers.GlobalAveragePooling2D(name="pool")
+    else:
+        x = keras.layers.Rescaling(1 / 255, name="preprocess")(inputs)
+        pool = keras.layers.Flatten(name="pool")
+    x = pool(base(x, training=base_training))
+    x = keras.layers.Dense(head_units, activation="relu", name="head_dense")(x)
+    x = keras.layers.Dropout(dropout, name="head_dropout")(x)
+    # float32 output keeps the softmax stable under mixed precision.
+    outputs = keras.layers.Dense(classes, activation="softmax", dtype="float32", name="predictions")(x)
+    return keras.Model(inputs, outputs, name=f"{backbone}_classifier")
+
+
+def freeze(base: keras.Model, strategy: Strategy) -> None:
+    """Make the base's layers trainable or not as the strategy says (the head always trains)."""
+    layers = base.layers
+    if strategy.frozen_base_layers is not None:
+        first_trainable = strategy.frozen_base_layers
+    elif strategy.trainable_base_layers == "all":
+        first_trainable = 0
+    else:
+        first_trainable = len(layers) - strategy.trainable_base_layers
+    base.trainable = True
+    for index, layer in enumerate(layers):
+        layer.trainable = index >= first_trainable
+
+
+def count_params(variables) -> int:
+    return int(sum(variable.numpy().size for variable in variables))
+
+
+def frozen_prefix(model: keras.Model) -> tuple[keras.Model, keras.Model] | None:
+    """Cut `model` before the first base layer that trains: (prefix, suffix), or None.
+
+    The prefix holds no trainable weights and runs in inference mode, so its
+    output is the same every epoch; training `suffix` on that output trains
+    the same weights as training `model` (they share layers). None when the
+    base trains from its first layer, so there is nothing to cache.
+    """
+    base = base_of(model)
+    layers = base.layers
+    first = next((i for i, layer in enumerate(layers) if layer.trainable_weights), None)
+    if first is not None and first <= 1:
+        return None
+    images = model.input
+    x = model.get_layer("preprocess")(images)
+    if first is None:
+        features = model.get_layer("pool")(base(x, training=False))
+        prefix = keras.Model(images, features, name="frozen_prefix")
+        suffix_inputs = [keras.Input(features.shape[1:], name="features")]
+        y = suffix_inputs[0]
+        for name in HEAD_AFTER_POOL:
+            y = model.get_layer(name)(y)
+        return prefix, keras.Model(suffix_inputs, y, name="trainable_suffix")
+    cut = _tensors_entering(layers[first:])
+    base_prefix = keras.Model(base.input, cut)
+    base_suffix = keras.Model(cut, base.output)
+    prefix = keras.Model(images, base_prefix(x, training=False), name="frozen_prefix")
+    suffix_inputs = [keras.Input(tensor.shape[1:], name=f"features_{i}") for i, tensor in enumerate(cut)]
+    y = model.get_layer("pool")(base_suffix(suffix_inputs, training=False))
+    for name in HEAD_AFTER_POOL:
+        y = model.get_layer(name)(y)
+    return prefix, keras.Model(suffix_inputs, y, name="trainable_suffix")
+
+
+def _tensors_entering(suffix_layers: list) -> list:
+    inside = {id(layer) for layer in suffix_layers}
+    cut: list = []
+    for layer in suffix_layers:
+        for tensor in layer._inbound_nodes[0].input_tensors:
+            producer = tensor._keras_history.operation
+            if id(producer) not in inside and all(tensor is not seen for seen in cut):
+                cut.append(tensor)
+    return cut
+
+
+def base_of(model: keras.Model) -> keras.Model:
+    """The backbone nested inside a classifier."""
+    return next(layer for layer in model.layers if isinstance(layer, keras.Model))
