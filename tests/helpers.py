@@ -12,10 +12,10 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from transfer.cifar10 import META, TEST_BATCH, TRAIN_BATCHES
 from transfer.config import CIFAR10_CLASSES
+from transfer.config import write_overrides as set_params  # noqa: F401  (tests import it from here)
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT_FILES = ("dvc.yaml", "params.yaml", "stages", "transfer", "profiles", "pyproject.toml")
@@ -77,17 +77,6 @@ TINY_PARAMS = {
     "train.steps_per_execution": 1,
     "train.shuffle_buffer": 64,
 }
-
-
-def set_params(params_file: Path, overrides: dict) -> None:
-    params = yaml.safe_load(params_file.read_text())
-    for dotted, value in overrides.items():
-        *parents, leaf = dotted.split(".")
-        section = params
-        for key in parents:
-            section = section[int(key) if key.isdigit() else key]
-        section[leaf] = value
-    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
 def make_project(folder: Path, archive: Path, overrides: dict | None = None, git: bool = True) -> Path:

@@ -159,6 +159,18 @@ def load_params(path: Path = PARAMS_FILE) -> Params:
         raise PipelineError(f"{path}: {describe(error)}") from None
 
 
+def write_overrides(path: Path, overrides: dict[str, object]) -> None:
+    """Set dotted keys ("finetune.epochs", "strategies.2.learning_rate") in a params file."""
+    params = yaml.safe_load(Path(path).read_text())
+    for dotted, value in overrides.items():
+        *parents, leaf = dotted.split(".")
+        section = params
+        for key in parents:
+            section = section[int(key) if key.isdigit() else key]
+        section[leaf] = value
+    Path(path).write_text(yaml.safe_dump(params, sort_keys=False))
+
+
 def describe(error: ValidationError) -> str:
     """The first problem pydantic found, as 'key.path: what is wrong'."""
     first = error.errors()[0]
