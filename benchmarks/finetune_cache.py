@@ -1,0 +1,62 @@
+"""Fine-tuning with the cached frozen prefix against the plain path: same data, epochs and seed.
+
+Both runs time the whole fine-tune: for the cached path that includes running
+the frozen network once over train, val and test.
+
+    python -m benchmarks.finetune_cache [--per-class 400 --image-size 75 --epochs 10 --strategy 1]
+"""
+
+from __future__ import annotations
+
+import time
+
+import keras
+
+from benchmarks.common import arguments, report, workspace
+from stages import download, preprocess, pretrain, split
+from stages.finetune import build_model, train_and_evaluate
+from transfer.config import load_params
+from transfer.paths import PRETRAINED_MODEL, RECORDS
+from transfer.records import open_split
+from transfer.training import set_up
+
+
+def main() -> None:
+    parser = arguments(__doc__)
+    parser.add_argument("--backbone", default="inception_v3", choices=["small_cnn", "inception_v3"])
+    parser.add_argument("--image-size", type=int, default=75)
+    parser.add_argument("--per-class", type=int, default=400, help="images per class in every split")
+    parser.add_argument("--epochs", type=int, default=10, help="fine-tuning epochs")
+    parser.add_argument("--pretrain-epochs", type=int, default=2)
+    parser.add_argument("--strategy", type=int, default=1)
+    args = parser.parse_args()
+    workspace("finetune_cache", args, {
+        "model.backbone": args.backbone, "model.weights": "none", "preprocess.image_size": args.image_size,
+        "data.max_per_class": args.per_class, "pretrain.epochs": args.pretrain_epochs,
+        "finetune.epochs": args.epochs, "strategy": args.strategy,
+    })
+    for stage in (download, split, preprocess, pretrain):
+        stage.main()
+
+    results = {}
+    for cache in (False, True):
+        params = load_params()
+        params = params.model_copy(update={"finetune": params.finetune.model_copy(update={"cache_features": cache})})
+        splits = {name: open_split(RECORDS, "target", name) for name in ("train", "val", "test")}
+        runtime = set_up(params.train, params.seed)
+        model = build_model(params, keras.models.load_model(PRETRAINED_MODEL), len(splits["train"].classes),
+                            args.image_size)
+        started = time.perf_counter()
+        _, evaluation, _, _ = train_and_evaluate(params, model, splits, None, runtime)
+        results["cached" if cache else "plain"] = (time.perf_counter() - started, evaluation["test"]["accuracy"])
+    (plain_seconds, plain_accuracy), (cached_seconds, cached_accuracy) = results["plain"], results["cached"]
+    report({"benchmark": "finetune_cache", "backbone": args.backbone, "image_size": args.image_size,
+            "strategy": args.strategy, "epochs": args.epochs, "train_images": splits["train"].count,
+            "plain_seconds": round(plain_seconds, 1), "cached_seconds": round(cached_seconds, 1),
+            "speedup": round(plain_seconds / cached_seconds, 2),
+            "plain_test_accuracy": plain_accuracy, "cached_test_accuracy": cached_accuracy,
+            "accuracy_difference_points": round(100 * (cached_accuracy - plain_accuracy), 2)})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""Preprocess throughput: TFRecord images/s with one worker process against all cores.
+
+    python -m benchmarks.preprocess [--per-class N] [--image-size 299]
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.common import arguments, report, workspace
+from stages import download, split
+from stages.preprocess import plan_shards, write_all
+from transfer.config import load_params
+from transfer.paths import SPLIT
+from transfer.records import cpu_count
+
+
+def main() -> None:
+    parser = arguments(__doc__)
+    parser.add_argument("--per-class", type=int, default=None, help="cap per class and split (default: all)")
+    parser.add_argument("--image-size", type=int, default=299)
+    parser.add_argument("--encoding", default="jpeg", choices=["jpeg", "raw"])
+    args = parser.parse_args()
+    workspace("preprocess", args, {"data.max_per_class": args.per_class, "preprocess.image_size": args.image_size,
+                                   "preprocess.encoding": args.encoding,
+                                   "model.backbone": "small_cnn", "model.weights": "none"})  # any size allowed
+    download.main()
+    split.main()
+    settings = load_params().preprocess
+    rates = {}
+    for workers in (1, cpu_count()):
+        with tempfile.TemporaryDirectory(dir=".") as folder:
+            jobs, meta = plan_shards(SPLIT, Path(folder), settings.image_size, settings.encoding,
+                                     settings.jpeg_quality, settings.shard_size_mb)
+            for task in ("source", "target"):
+                (Path(folder) / task).mkdir()
+            images = sum(job.stop - job.start for job in jobs)
+            started = time.perf_counter()
+            write_all(jobs, workers)
+            rates[workers] = images / (time.perf_counter() - started)
+    one, every = rates[1], rates[cpu_count()]
+    report({"benchmark": "preprocess", "images": images, "shards": len(jobs), "image_size": settings.image_size,
+            "encoding": settings.encoding, "workers": cpu_count(), "images_per_second_1_worker": round(one, 1),
+            "images_per_second_all_workers": round(every, 1), "speedup": round(every / one, 2)})
+
+
+if __name__ == "__main__":
+    main()
