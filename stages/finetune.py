@@ -54,7 +54,7 @@ def build_model(params: Params, pretrained: keras.Model, classes: int, image_siz
     """The target classifier: the pretrained (or a random) base, frozen per strategy, and a fresh head."""
     strategy = params.chosen_strategy()
     from_scratch = strategy.base_weights == "random"
-    keras.utils.set_random_seed(params.seed)  # the same fresh head whatever ran before
+    keras.utils.set_random_seed(params.finetune.seed)  # the same fresh head whatever ran before
     base = build_base(params.model.backbone, image_size, "none") if from_scratch else base_of(pretrained)
     model = classifier(base, params.model.backbone, classes, params.model.head_units, params.model.dropout,
                        base_training=None if from_scratch else False)
@@ -91,7 +91,7 @@ def train_and_evaluate(params: Params, model: keras.Model, splits: dict[str, Spl
         data = {name: dataset(split, EVAL_BATCH, keep=keep if name == "train" else None)
                 for name, split in splits.items()}
         train_data = dataset(splits["train"], settings.batch_size, keep=keep,
-                             shuffle_buffer=params.train.shuffle_buffer, seed=params.seed)
+                             shuffle_buffer=params.train.shuffle_buffer, seed=params.finetune.seed)
         trained = model
     else:
         prefix, trained = cut
@@ -100,7 +100,7 @@ def train_and_evaluate(params: Params, model: keras.Model, splits: dict[str, Spl
                     for name, split in splits.items()}
         data = {name: _in_memory(*pair).batch(EVAL_BATCH) for name, pair in features.items()}
         train_data = (_in_memory(*features["train"])
-                      .shuffle(params.train.shuffle_buffer, seed=params.seed, reshuffle_each_iteration=True)
+                      .shuffle(params.train.shuffle_buffer, seed=params.finetune.seed, reshuffle_each_iteration=True)
                       .batch(settings.batch_size).prefetch(tf.data.AUTOTUNE))
     compile_model(trained, settings.learning_rate, params.train, runtime)
     fit(trained, train_data, data["val"], settings.epochs, progress, train_images)
@@ -125,12 +125,12 @@ def main() -> None:
         check_shards(split)
     if not PRETRAINED_MODEL.is_file():
         raise PipelineError(f"{PRETRAINED_MODEL} not found: run the pretrain stage (dvc repro)")
-    runtime = set_up(params.train, params.seed)
+    runtime = set_up(params.train, params.finetune.seed)
     pretrained = keras.models.load_model(PRETRAINED_MODEL)
     train = splits["train"]
     model = build_model(params, pretrained, len(train.classes), train.image_size)
     trainable = count_params(model.trainable_weights)
-    keep = labelled_subset(labels_of(train), params.data.target_labels_per_class, params.seed)
+    keep = labelled_subset(labels_of(train), params.data.target_labels_per_class, params.finetune.seed)
 
     progress, evaluation, labels, predicted = train_and_evaluate(params, model, splits, keep, runtime)
 

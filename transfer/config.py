@@ -84,6 +84,7 @@ class Optimisation(Section):
 
 class Finetune(Optimisation):
     cache_features: bool
+    seed: int
 
 
 class Strategy(Section):

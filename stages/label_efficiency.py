@@ -1,0 +1,142 @@
+"""When does transfer pay off? Sweep labels per class x strategy x seed as DVC experiments.
+
+    python -m stages.label_efficiency --run $(cat profiles/cpu.args)   # queue, run and collect
+    python -m stages.label_efficiency                                   # collect what `dvc exp show` has
+
+The sweep queues one DVC experiment per (strategy, data.target_labels_per_class,
+finetune.seed) with `dvc exp run --queue`, runs the queue (each
+reuses the cached pretrain: only finetune reruns), then collects every finished
+experiment from `dvc exp show --json` into metrics/label_efficiency.csv and a
+plot of target test accuracy against labels per class, one line per strategy.
+Extra arguments (such as the CPU profile's -S overrides) go to `dvc exp run`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+
+from transfer.errors import PipelineError, run_stage
+from transfer.outputs import atomic_output, write_text
+from transfer.paths import METRICS
+
+TABLE = METRICS / "label_efficiency.csv"
+PLOT = METRICS / "label_efficiency.png"
+ALL = "null"  # every labelled image
+
+
+def queue(labels: list[str], strategies: list[str], seeds: list[str], extra: list[str]) -> None:
+    """Queue the grid; DVC expands comma-separated -S values into every combination."""
+    command = ["dvc", "exp", "run", "--queue", *extra,
+               "-S", f"data.target_labels_per_class={','.join(labels)}",
+               "-S", f"strategy={','.join(strategies)}",
+               "-S", f"finetune.seed={','.join(seeds)}"]
+    _dvc(command)
+
+
+def run_queue(jobs: int, poll_seconds: float = 2.0) -> None:
+    _dvc(["dvc", "queue", "start", "--jobs", str(jobs)])
+    while True:
+        status = _dvc(["dvc", "queue", "status"])
+        if not any(word in status for word in ("Queued", "Running")):
+            break
+        time.sleep(poll_seconds)
+    failed = [line for line in status.splitlines() if "Failed" in line]
+    if failed:
+        print(f"label_efficiency: {len(failed)} experiment(s) failed; see `dvc queue logs <name>`")
+
+
+def _dvc(command: list[str]) -> str:
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        last = (result.stderr.strip() or result.stdout.strip()).splitlines()[-1:]
+        raise PipelineError(f"`{' '.join(command[:4])} ...` failed: {last[0] if last else result.returncode}")
+    return result.stdout
+
+
+def experiments(shown: list[dict]) -> Iterator[dict]:
+    """Every experiment (not the workspace or baseline rows) in `dvc exp show --json` output."""
+    for baseline in shown:
+        for experiment in baseline.get("experiments") or []:
+            yield from experiment.get("revs", [])
+
+
+def collect(shown: list[dict]) -> pd.DataFrame:
+    rows = []
+    for experiment in experiments(shown):
+        data = experiment.get("data") or {}
+        params = data.get("params", {}).get("params.yaml", {}).get("data", {})
+        metrics = data.get("metrics", {}).get("metrics/finetune.json", {}).get("data")
+        if not params or not metrics or "test" not in metrics:
+            continue
+        rows.append({
+            "strategy": params["strategy"],
+            "labels_per_class": params["data"]["target_labels_per_class"] or "all",
+            "seed": params["finetune"]["seed"],
+            "images_per_class": metrics["train_images"] // len(params["data"]["target_classes"]),
+            "test_accuracy": metrics["test"]["accuracy"],
+            "test_macro_f1": metrics["test"].get("macro_f1"),
+            "timestamp": data.get("timestamp") or "",
+        })
+    if not rows:
+        raise PipelineError("no finished experiments with metrics/finetune.json in `dvc exp show`; run the sweep first")
+    table = pd.DataFrame(rows).sort_values("timestamp")
+    # A point run twice keeps its latest result.
+    table = table.drop_duplicates(["strategy", "labels_per_class", "seed"], keep="last").drop(columns="timestamp")
+    return table.sort_values(["strategy", "images_per_class", "seed"]).reset_index(drop=True)
+
+
+def plot(table: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = {0: "0: from scratch", 1: "1: frozen base, new head", 2: "2: + last 10 base layers", 3: "3: top 2 blocks"}
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for strategy, group in table.groupby("strategy"):
+        summary = group.groupby("images_per_class")["test_accuracy"].agg(["mean", "std", "count"]).fillna(0)
+        x = summary.index.to_numpy()
+        axes.plot(x, 100 * summary["mean"], marker="o",
+                  label=f"{names.get(strategy, strategy)} ({int(summary['count'].max())} seeds)")
+        axes.fill_between(x, 100 * (summary["mean"] - summary["std"]), 100 * (summary["mean"] + summary["std"]),
+                          alpha=0.2)
+    axes.set_xscale("log")
+    axes.set_xlabel("labelled target images per class (log scale)")
+    axes.set_ylabel("target test accuracy (%)")
+    axes.set_title("When does transfer pay off? (mean ± std over seeds)")
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    with atomic_output(path) as temporary:
+        figure.savefig(temporary, dpi=120, format="png")
+    plt.close(figure)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", action="store_true", help="queue and run the sweep before collecting")
+    parser.add_argument("--labels", default="10,50,250,1000,null", help="labels per class (null = all)")
+    parser.add_argument("--strategies", default="0,1", help="strategies to compare (0 = no transfer)")
+    parser.add_argument("--seeds", default="1,2,3", help="finetune.seed values")
+    parser.add_argument("--jobs", type=int, default=2, help="experiments run at once")
+    args, extra = parser.parse_known_args()
+    if args.run:
+        queue(args.labels.split(","), args.strategies.split(","), args.seeds.split(","), extra)
+        run_queue(args.jobs)
+    table = collect(json.loads(_dvc(["dvc", "exp", "show", "--json"])))
+    write_text(TABLE, table.to_csv(index=False))
+    plot(table, PLOT)
+    summary = table.groupby(["strategy", "images_per_class"])["test_accuracy"].agg(["mean", "std", "count"])
+    print(summary.round(4).to_string())
+    print(f"label_efficiency: {len(table)} runs -> {TABLE}, {PLOT}")
+
+
+if __name__ == "__main__":
+    run_stage(main)
