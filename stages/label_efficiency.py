@@ -128,6 +128,9 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="experiments run at once")
     args, extra = parser.parse_known_args()
     if args.run:
+        # Queued experiments start from the workspace: bring its pipeline up to date with the same
+        # overrides first, so that every experiment finds pretrain done in the cache and reruns finetune alone.
+        _dvc(["dvc", "exp", "run", *extra])
         queue(args.labels.split(","), args.strategies.split(","), args.seeds.split(","), extra)
         run_queue(args.jobs)
     table = collect(json.loads(_dvc(["dvc", "exp", "show", "--json"])))
