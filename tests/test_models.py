@@ -113,3 +113,18 @@ def test_cached_features_train_the_same_model_as_the_plain_path(inception_projec
     for a, b in zip(after_cached, after_plain):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     assert eval_cached["test"]["accuracy"] == pytest.approx(eval_plain["test"]["accuracy"], abs=1e-9)
+
+
+def test_weights_file_that_does_not_exist(tmp_path):
+    from transfer.errors import PipelineError
+
+    with pytest.raises(PipelineError, match=f"model.weights: {tmp_path}/missing.weights.h5 is not a file"):
+        build_base("small_cnn", 32, str(tmp_path / "missing.weights.h5"))
+
+
+def test_weights_file_initialises_the_base(tmp_path):
+    source = build_base("small_cnn", 32, "none")
+    source.save_weights(tmp_path / "cnn.weights.h5")
+    loaded = build_base("small_cnn", 32, str(tmp_path / "cnn.weights.h5"))
+    for a, b in zip(source.weights, loaded.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
