@@ -178,7 +178,8 @@ def dataset(
                     num_parallel_calls=tf.data.AUTOTUNE)
     if keep is not None:
         mask = tf.constant(keep, dtype=tf.bool)
-        data = data.filter(lambda record: tf.gather(mask, record["index"]))
+        # A labelled subset is small: keep its encoded records in memory rather than rescan every shard each epoch.
+        data = data.filter(lambda record: tf.gather(mask, record["index"])).cache()
     if shuffle_buffer:
         data = data.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
     data = data.map(decode, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size)
