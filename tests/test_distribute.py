@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import make_project, run, run_stage, set_params
+from helpers import last_line, make_project, run, run_stage, set_params
 
 # Logical devices must exist before TensorFlow starts its runtime, so the stage runs in a fresh process.
 TWO_CPU_DEVICES = (
@@ -111,3 +111,10 @@ def test_multi_worker_over_two_processes(single, tmp_path):
     assert all((chief / name).exists() for name in OUTPUTS)
     assert not any((other / name).exists() for name in OUTPUTS)
     assert "the chief evaluates and writes the outputs" in outputs[1]
+
+
+def test_bad_tf_config_is_named(single, monkeypatch):
+    monkeypatch.setenv("TF_CONFIG", '{"cluster": {"worker": ["127.0.0.1:1"]}}')
+    result = run_stage("pretrain", single)
+    assert result.returncode == 1
+    assert last_line(result).startswith("error: TF_CONFIG is not a valid cluster description")
