@@ -122,12 +122,12 @@ def _free_memory() -> int:
 def main() -> None:
     started = time.perf_counter()
     params = load_params()
-    if not PRETRAINED_MODEL.is_file():
-        raise PipelineError(f"{PRETRAINED_MODEL} not found: run the pretrain stage (dvc repro)")
     runtime = set_up(params.train, params.seed)
     splits = {name: open_split(RECORDS, "target", name) for name in SPLITS}
     for split in splits.values():
         check_shards(split)
+    if not PRETRAINED_MODEL.is_file():
+        raise PipelineError(f"{PRETRAINED_MODEL} not found: run the pretrain stage (dvc repro)")
     train = splits["train"]
     with runtime.strategy.scope():
         pretrained = keras.models.load_model(PRETRAINED_MODEL)
