@@ -19,7 +19,7 @@ import tensorflow as tf
 from transfer.config import Params, load_params
 from transfer.errors import PipelineError, run_stage
 from transfer.models import base_of, build_base, classifier, count_params, freeze, frozen_prefix
-from transfer.outputs import atomic_output, write_json
+from transfer.outputs import write_json
 from transfer.paths import FINETUNED_MODEL, METRICS, PRETRAINED_MODEL, RECORDS
 from transfer.records import Split, check_shards, dataset, labels_of, open_split
 from transfer.training import (
@@ -29,7 +29,9 @@ from transfer.training import (
     compile_model,
     evaluate_splits,
     fit,
+    global_batch,
     metrics_report,
+    save_model,
     set_up,
     write_history,
     write_predictions,
@@ -90,7 +92,7 @@ def train_and_evaluate(params: Params, model: keras.Model, splits: dict[str, Spl
     if cut is None:
         data = {name: dataset(split, EVAL_BATCH, keep=keep if name == "train" else None)
                 for name, split in splits.items()}
-        train_data = dataset(splits["train"], settings.batch_size, keep=keep,
+        train_data = dataset(splits["train"], global_batch(settings.batch_size, runtime), keep=keep,
                              shuffle_buffer=params.train.shuffle_buffer, seed=params.finetune.seed)
         trained = model
     else:
@@ -101,9 +103,9 @@ def train_and_evaluate(params: Params, model: keras.Model, splits: dict[str, Spl
         data = {name: _in_memory(*pair).batch(EVAL_BATCH) for name, pair in features.items()}
         train_data = (_in_memory(*features["train"])
                       .shuffle(params.train.shuffle_buffer, seed=params.finetune.seed, reshuffle_each_iteration=True)
-                      .batch(settings.batch_size).prefetch(tf.data.AUTOTUNE))
+                      .batch(global_batch(settings.batch_size, runtime)).prefetch(tf.data.AUTOTUNE))
     compile_model(trained, settings.learning_rate, params.train, runtime)
-    fit(trained, train_data, data["val"], settings.epochs, progress, train_images)
+    fit(trained, train_data, data["val"], settings.epochs, progress, train_images, runtime)
     evaluation, labels, predicted = evaluate_splits(trained, data, splits["train"].classes)
     return progress, evaluation, labels, predicted
 
@@ -120,22 +122,24 @@ def _free_memory() -> int:
 def main() -> None:
     started = time.perf_counter()
     params = load_params()
+    runtime = set_up(params.train, params.finetune.seed)
     splits = {name: open_split(RECORDS, "target", name) for name in SPLITS}
     for split in splits.values():
         check_shards(split)
     if not PRETRAINED_MODEL.is_file():
         raise PipelineError(f"{PRETRAINED_MODEL} not found: run the pretrain stage (dvc repro)")
-    runtime = set_up(params.train, params.finetune.seed)
-    pretrained = keras.models.load_model(PRETRAINED_MODEL)
     train = splits["train"]
-    model = build_model(params, pretrained, len(train.classes), train.image_size)
+    with runtime.strategy.scope():
+        pretrained = keras.models.load_model(PRETRAINED_MODEL)
+        model = build_model(params, pretrained, len(train.classes), train.image_size)
     trainable = count_params(model.trainable_weights)
     keep = labelled_subset(labels_of(train), params.data.target_labels_per_class, params.finetune.seed)
 
     progress, evaluation, labels, predicted = train_and_evaluate(params, model, splits, keep, runtime)
-
-    with atomic_output(FINETUNED_MODEL) as path:
-        model.save(path)
+    save_model(model, FINETUNED_MODEL, runtime)
+    if not runtime.chief:
+        print("finetune: training done; the chief writes the outputs")
+        return
     write_history(METRICS / "finetune_history.csv", progress.history)
     write_predictions(METRICS / "finetune_predictions.csv", labels, predicted, train.classes)
     report = metrics_report(strategy=params.strategy, model=model, trainable_params=trainable,

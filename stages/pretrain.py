@@ -12,7 +12,7 @@ import time
 from transfer.config import load_params
 from transfer.errors import run_stage
 from transfer.models import build_base, classifier, count_params
-from transfer.outputs import atomic_output, write_json
+from transfer.outputs import write_json
 from transfer.paths import CHECKPOINTS, METRICS, PRETRAINED_MODEL, RECORDS
 from transfer.records import check_shards, dataset, open_split
 from transfer.training import (
@@ -22,8 +22,10 @@ from transfer.training import (
     evaluate_splits,
     fingerprint,
     fit,
+    global_batch,
     metrics_report,
     resume,
+    save_model,
     set_up,
     write_history,
 )
@@ -34,32 +36,37 @@ SPLITS = ("train", "val", "test")
 def main() -> None:
     started = time.perf_counter()
     params = load_params()
+    runtime: Runtime = set_up(params.train, params.seed)
     splits = {name: open_split(RECORDS, "source", name) for name in SPLITS}
     for split in splits.values():
         check_shards(split)
-    runtime: Runtime = set_up(params.train, params.seed)
     settings = params.pretrain
     train = splits["train"]
     checkpoints = CHECKPOINTS / "pretrain"
     key = fingerprint("pretrain", params.seed, params.model.model_dump(), settings.model_dump(),
                       (RECORDS / "meta.json").read_text())
 
-    model, progress = resume(checkpoints, key)
-    if model is None:
-        base = build_base(params.model.backbone, train.image_size, params.model.weights)
-        model = classifier(base, params.model.backbone, len(train.classes), params.model.head_units,
-                           params.model.dropout, base_training=None)
+    with runtime.strategy.scope():
+        model, progress = resume(checkpoints, key, runtime)
+        if model is None:
+            base = build_base(params.model.backbone, train.image_size, params.model.weights)
+            model = classifier(base, params.model.backbone, len(train.classes), params.model.head_units,
+                               params.model.dropout, base_training=None)
     compile_model(model, settings.learning_rate, params.train, runtime, optimizer=getattr(model, "optimizer", None))
 
-    train_data = dataset(train, settings.batch_size, shuffle_buffer=params.train.shuffle_buffer, seed=params.seed)
-    fit(model, train_data, dataset(splits["val"], EVAL_BATCH), settings.epochs, progress, train.count,
+    train_data = dataset(train, global_batch(settings.batch_size, runtime), shuffle_buffer=params.train.shuffle_buffer,
+                         seed=params.seed)
+    fit(model, train_data, dataset(splits["val"], EVAL_BATCH), settings.epochs, progress, train.count, runtime,
         checkpoints, key)
+    if not runtime.chief:
+        save_model(model, PRETRAINED_MODEL, runtime)
+        print("pretrain: training done; the chief evaluates and writes the outputs")
+        return
 
     evaluation, _, _ = evaluate_splits(
         model, {name: dataset(split, EVAL_BATCH) for name, split in splits.items()}, train.classes
     )
-    with atomic_output(PRETRAINED_MODEL) as path:
-        model.save(path)
+    save_model(model, PRETRAINED_MODEL, runtime)
     write_history(METRICS / "pretrain_history.csv", progress.history)
     write_json(METRICS / "pretrain.json", metrics_report(
         strategy=None, model=model, trainable_params=count_params(model.trainable_weights),

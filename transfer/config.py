@@ -74,6 +74,7 @@ class Train(Section):
     deterministic: bool
     mixed_precision: Toggle
     jit_compile: Toggle
+    distribute: Literal["auto", "none", "mirrored", "multi_worker"]
 
 
 class Optimisation(Section):

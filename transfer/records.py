@@ -86,7 +86,8 @@ def _example(image: bytes, label: int, index: int) -> bytes:
         "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(label)])),
         "index": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(index)])),
     }
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+    # deterministic: protobuf orders map entries arbitrarily otherwise, and a rebuild must match dvc.lock
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString(deterministic=True)
 
 
 @dataclass(frozen=True)

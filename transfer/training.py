@@ -1,13 +1,15 @@
 """Training and evaluation shared by pretrain and finetune.
 
-Runtime set-up (seeds, determinism, mixed precision, XLA), compiling,
-resumable fit() with per-epoch checkpoints, and the metrics both stages report.
+Runtime set-up (distribution strategy, seeds, determinism, mixed precision, XLA),
+compiling, resumable fit() with per-epoch checkpoints, and the metrics both stages report.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from transfer.config import Train
+from transfer.errors import PipelineError
 from transfer.outputs import atomic_output, remove, write_text
 
 EVAL_BATCH = 256
@@ -27,30 +30,88 @@ class Runtime:
     gpus: int
     mixed_precision: bool
     jit_compile: bool
+    strategy: tf.distribute.Strategy
+    distribute: str  # none | mirrored | multi_worker, after resolving auto
+    workers: int
+    chief: bool  # only the chief writes models, metrics and checkpoints
+
+    @property
+    def replicas(self) -> int:
+        return self.strategy.num_replicas_in_sync
 
 
 def set_up(train: Train, seed: int) -> Runtime:
-    """Seed everything and pick mixed precision and XLA (auto: on when a GPU is present)."""
+    """Pick the distribution strategy, seed everything, pick mixed precision and XLA (auto: on with a GPU).
+
+    Call it before anything else touches TensorFlow: MultiWorkerMirroredStrategy
+    must exist before TensorFlow starts its runtime.
+    """
+    workers, chief = cluster()
+    gpus = len(tf.config.list_physical_devices("GPU"))
+    distribute = train.distribute
+    if distribute == "auto":
+        distribute = "multi_worker" if workers > 1 else "mirrored" if gpus > 1 else "none"
+    if distribute == "multi_worker":
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    elif distribute == "mirrored":
+        # One replica per GPU; without GPUs, one per (logical) CPU device.
+        devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+        strategy = tf.distribute.MirroredStrategy([device.name for device in devices])
+    else:
+        strategy = tf.distribute.get_strategy()
     keras.utils.set_random_seed(seed)
     if train.deterministic:
         tf.config.experimental.enable_op_determinism()
-    gpus = len(tf.config.list_physical_devices("GPU"))
     mixed = bool(gpus) if train.mixed_precision == "auto" else train.mixed_precision
     jit = bool(gpus) if train.jit_compile == "auto" else train.jit_compile
     keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
-    return Runtime(gpus, mixed, jit)
+    if distribute != "multi_worker":  # every process trains on its own
+        workers, chief = 1, True
+    runtime = Runtime(gpus, mixed, jit, strategy, distribute, workers, chief)
+    if runtime.replicas > 1:
+        print(f"training with {distribute} over {runtime.replicas} replicas on {runtime.workers} worker(s)"
+              + ("" if chief else "; the chief writes every output"))
+    return runtime
+
+
+def cluster() -> tuple[int, bool]:
+    """(workers that TF_CONFIG names, whether this process is the chief); (1, True) without TF_CONFIG."""
+    raw = os.environ.get("TF_CONFIG")
+    if not raw:
+        return 1, True
+    try:
+        config = json.loads(raw)
+        jobs = config.get("cluster", {})
+        task_type, index = config["task"]["type"], int(config["task"]["index"])
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise PipelineError(f"TF_CONFIG is not a valid cluster description ({error!r}); see README 'Scaling up'") \
+            from None
+    workers = len(jobs.get("chief", [])) + len(jobs.get("worker", []))
+    # Without a "chief" job, worker 0 is the chief (TensorFlow's own rule).
+    chief = task_type == "chief" or (task_type == "worker" and index == 0 and "chief" not in jobs)
+    return workers, chief
+
+
+def global_batch(batch_size: int, runtime: Runtime) -> int:
+    """params' batch sizes are per replica: every replica gets batch_size images per step."""
+    return batch_size * runtime.replicas
 
 
 def compile_model(model: keras.Model, learning_rate: float, train: Train, runtime: Runtime,
                   optimizer: keras.optimizers.Optimizer | None = None) -> None:
-    """(Re)compile; needed after every change of `trainable`."""
-    model.compile(
-        optimizer=optimizer or keras.optimizers.RMSprop(learning_rate),
-        loss=keras.losses.SparseCategoricalCrossentropy(),
-        metrics=["accuracy"],
-        steps_per_execution=train.steps_per_execution,
-        jit_compile=runtime.jit_compile,
-    )
+    """(Re)compile in the strategy's scope; needed after every change of `trainable`.
+
+    The learning rate is used as given whatever the number of replicas (see README "Scaling up").
+    """
+    with runtime.strategy.scope():
+        model.compile(
+            optimizer=optimizer or keras.optimizers.RMSprop(learning_rate),
+            loss=keras.losses.SparseCategoricalCrossentropy(),
+            metrics=["accuracy"],
+            # Keras 3 cannot run several steps per execution over several replicas (keras-team/keras#19246).
+            steps_per_execution=train.steps_per_execution if runtime.replicas == 1 else 1,
+            jit_compile=runtime.jit_compile,
+        )
 
 
 def fingerprint(*parts: object) -> str:
@@ -78,10 +139,10 @@ class EpochRecorder(keras.callbacks.Callback):
     folder, so a kill at any moment leaves either the old or the new checkpoint.
     """
 
-    def __init__(self, progress: Progress, images_per_epoch: int, folder: Path | None, key: str):
+    def __init__(self, progress: Progress, images_per_epoch: int, folder: Path | None, key: str, runtime: Runtime):
         super().__init__()
         self.progress, self.images_per_epoch = progress, images_per_epoch
-        self.folder, self.key = folder, key
+        self.folder, self.key, self.runtime = folder, key, runtime
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self.started = time.perf_counter()
@@ -92,6 +153,9 @@ class EpochRecorder(keras.callbacks.Callback):
         self.progress.history.append({"epoch": epoch + 1, **{k: float(v) for k, v in (logs or {}).items()}})
         if self.folder is None:
             return
+        if not self.runtime.chief:
+            save_model(self.model, self.folder / "model.keras", self.runtime)
+            return
         with atomic_output(self.folder / "latest") as latest:
             latest.mkdir()
             self.model.save(latest / "model.keras")
@@ -99,8 +163,30 @@ class EpochRecorder(keras.callbacks.Callback):
             (latest / "state.json").write_text(json.dumps(state, indent=2))
 
 
-def resume(folder: Path, key: str) -> tuple[keras.Model | None, Progress]:
-    """The checkpointed model and progress if they belong to this run; stale ones are deleted."""
+def save_model(model: keras.Model, path: Path, runtime: Runtime) -> None:
+    """Write the model whole or not at all; only the chief's copy is kept.
+
+    Across workers saving reads variables collectively, so every worker must save:
+    the others write into a temporary folder that is deleted at once.
+    """
+    if runtime.chief:
+        with atomic_output(path) as temporary:
+            model.save(temporary)
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        model.save(Path(folder) / path.name)
+
+
+def resume(folder: Path, key: str, runtime: Runtime) -> tuple[keras.Model | None, Progress]:
+    """The checkpointed model and progress if they belong to this run; stale ones are deleted.
+
+    Call it in the strategy's scope. Several workers never resume: they would all have to
+    load the same checkpoint, and the chief's folder is not theirs.
+    """
+    if runtime.workers > 1:
+        if runtime.chief:
+            remove(folder)
+        return None, Progress()
     state_file = folder / "latest" / "state.json"
     if state_file.is_file():
         state = json.loads(state_file.read_text())
@@ -114,13 +200,53 @@ def resume(folder: Path, key: str) -> tuple[keras.Model | None, Progress]:
 
 
 def fit(model: keras.Model, train_data, val_data, epochs: int, progress: Progress, images_per_epoch: int,
-        checkpoints: Path | None = None, key: str = "") -> Progress:
-    """Train up to `epochs` in total, continuing after progress.epochs_done."""
+        runtime: Runtime, checkpoints: Path | None = None, key: str = "") -> Progress:
+    """Train up to `epochs` in total, continuing after progress.epochs_done; only the chief keeps checkpoints.
+
+    Datasets are batched at the global batch size; Keras splits every batch across the replicas.
+    """
     if progress.epochs_done < epochs:
-        recorder = EpochRecorder(progress, images_per_epoch, checkpoints, key)
-        model.fit(train_data, validation_data=val_data, epochs=epochs, initial_epoch=progress.epochs_done,
-                  callbacks=[recorder], verbose=2, shuffle=False)  # datasets shuffle themselves
+        recorder = EpochRecorder(progress, images_per_epoch, checkpoints, key, runtime)
+        with runtime.strategy.scope():
+            if runtime.replicas > 1:
+                _let_keras_fit_across_replicas(model, train_data.element_spec, runtime.workers)
+            model.fit(by_batch(train_data), validation_data=by_batch(val_data), epochs=epochs,
+                      initial_epoch=progress.epochs_done, callbacks=[recorder], verbose=2,
+                      shuffle=False)  # datasets shuffle themselves
     return progress
+
+
+def _let_keras_fit_across_replicas(model: keras.Model, batch_spec: tuple, workers: int) -> None:
+    """Work around Keras 3's fit() under tf.distribute (keras-team/keras#19246, #20585).
+
+    fit() builds the model from the mean of the first batch over the replicas: that
+    fails when the batch does not split evenly (a small validation set) and, across
+    workers, always. So the model, its metrics and optimizer are built here from the
+    batch's shape, as fit() itself does it, and fit() is told that the model has no
+    strategy of its own: it then uses the enclosing scope's and skips that step.
+    Across workers, fit() also reduces the scalar logs along an axis they do not
+    have, so they get one.
+    """
+    model._symbolic_build(data_batch=batch_spec)
+    model._distribute_strategy = None
+    if workers > 1:
+        def with_axis(step):
+            return lambda data: {name: tf.reshape(value, [1]) for name, value in step(data).items()}
+
+        model.train_step = with_axis(model.train_step)
+        model.test_step = with_axis(model.test_step)
+
+
+def by_batch(data: tf.data.Dataset) -> tf.data.Dataset:
+    """Workers split the data batch by batch, never shard file by file.
+
+    Every worker then reads all shards and keeps its part of each batch, so all
+    take the same number of steps (shards differ in size) and the cardinality
+    the readers assert stays true.
+    """
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return data.with_options(options)
 
 
 def predict(model: keras.Model, data) -> tuple[np.ndarray, np.ndarray]:
@@ -198,6 +324,7 @@ def metrics_report(*, strategy: object, model: keras.Model, trainable_params: in
             "train_images_per_second": round(progress.images_seen / max(progress.seconds, 1e-9), 1),
         },
         "runtime": {"gpus": runtime.gpus, "mixed_precision": runtime.mixed_precision,
-                    "jit_compile": runtime.jit_compile},
+                    "jit_compile": runtime.jit_compile, "distribute": runtime.distribute,
+                    "replicas": runtime.replicas, "workers": runtime.workers},
     }
 
