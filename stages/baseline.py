@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 
-from stages.finetune import fine_tune
+from stages.finetune import fine_tune, target_splits
 from transfer.config import load_params
 from transfer.errors import PipelineError, run_stage
 from transfer.outputs import write_json
@@ -27,7 +27,7 @@ def main() -> None:
     if chosen is None or chosen.base_weights != "random":
         raise PipelineError(f"params.yaml: strategies.{BASELINE_STRATEGY} must be the from-scratch baseline "
                             "(base_weights: random)")
-    outcome = fine_tune(params.model_copy(update={"strategy": BASELINE_STRATEGY}))
+    outcome = fine_tune(params.model_copy(update={"strategy": BASELINE_STRATEGY}), target_splits())
     write_history(METRICS / "baseline_history.csv", outcome.progress.history)
     write_json(BASELINE_METRICS, outcome.report(BASELINE_STRATEGY, time.perf_counter() - started))
     print(f"baseline: from scratch, target test accuracy {outcome.evaluation['test']['accuracy']:.4f} "

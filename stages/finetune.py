@@ -143,11 +143,16 @@ class Outcome:
         return report
 
 
-def fine_tune(params: Params) -> Outcome:
-    """Train and evaluate `params.strategy` on the target task (shared by the finetune and baseline stages)."""
+def target_splits() -> dict[str, Split]:
+    """The target task's splits, every shard read once so a damaged one is named before any work."""
     splits = {name: open_split(RECORDS, "target", name) for name in SPLITS}
     for split in splits.values():
         check_shards(split)
+    return splits
+
+
+def fine_tune(params: Params, splits: dict[str, Split]) -> Outcome:
+    """Train and evaluate `params.strategy` on the target task (shared by the finetune and baseline stages)."""
     from_scratch = params.chosen_strategy().base_weights == "random"
     if not from_scratch and not PRETRAINED_MODEL.is_file():
         raise PipelineError(f"{PRETRAINED_MODEL} not found: run the pretrain stage (dvc repro)")
@@ -174,8 +179,9 @@ def read_baseline() -> dict:
 def main() -> None:
     started = time.perf_counter()
     params = load_params()
+    splits = target_splits()
     baseline = read_baseline()
-    outcome = fine_tune(params)
+    outcome = fine_tune(params, splits)
     with atomic_output(FINETUNED_MODEL) as path:
         outcome.model.save(path)
     write_history(METRICS / "finetune_history.csv", outcome.progress.history)

@@ -37,8 +37,11 @@ def revisions(base: str, target: str | None) -> list[str]:
     return [base] if target is None else [base, target]
 
 
-def changed_plots(plots: dict, report_dir: Path) -> tuple[list[str], list[tuple[str, list]]]:
-    """(names of data plots whose data differ between revisions, [(image plot, [(revision, path)])])."""
+def changed_plots(plots: dict, order: list[str], report_dir: Path) -> tuple[list[str], list[tuple[str, list]]]:
+    """(names of data plots whose data differ between revisions, [(image plot, [(revision, path)])]).
+
+    `order` lists the revisions as they should appear, base first.
+    """
     data_plots, images = [], []
     for name, entries in plots.items():
         for entry in entries:
@@ -52,8 +55,8 @@ def changed_plots(plots: dict, report_dir: Path) -> tuple[list[str], list[tuple[
         path = Path(entry["url"])
         digests[name].add(hashlib.sha256(path.read_bytes()).hexdigest())
         changed_images[name].append((entry["revisions"][0], path.resolve().relative_to(report_dir.resolve())))
-    picked = [(name, shown) for name, shown in changed_images.items()
-              if len(digests[name]) > 1 or len(shown) == 1]
+    picked = [(name, sorted(shown, key=lambda pair: order.index(pair[0]) if pair[0] in order else len(order)))
+              for name, shown in changed_images.items() if len(digests[name]) > 1 or len(shown) == 1]
     return data_plots, picked
 
 
@@ -71,7 +74,7 @@ def build_report(base: str, target: str | None, output: Path) -> str:
     params = dvc("params", "diff", *revs, "--md").strip()
     folder = output.parent / f"{output.stem}_plots"
     plots = json.loads(dvc("plots", "diff", *revs, "--json", "-o", str(folder)) or "{}").get("data", {})
-    data_plots, images = changed_plots(plots, output.parent)
+    data_plots, images = changed_plots(plots, [*revs, "workspace"], output.parent)
     lines = [f"## Pipeline report: {shown} against `{base}`", "", "### Metrics", "",
              metrics or "No metric changed.", "", "### Params", "", params or "No param changed.", "",
              "### Plots", ""]
