@@ -13,14 +13,13 @@ Not a pipeline stage: it compares pipeline results, it does not make one.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import subprocess
 from collections import defaultdict
 from pathlib import Path
 
 from transfer.errors import PipelineError, run_stage
-from transfer.outputs import write_text
+from transfer.outputs import remove, write_text
 
 
 def dvc(*arguments: str) -> str:
@@ -33,31 +32,22 @@ def dvc(*arguments: str) -> str:
     return result.stdout
 
 
-def revisions(base: str, target: str | None) -> list[str]:
-    return [base] if target is None else [base, target]
-
-
-def changed_plots(plots: dict, order: list[str], report_dir: Path) -> tuple[list[str], list[tuple[str, list]]]:
-    """(names of data plots whose data differ between revisions, [(image plot, [(revision, path)])]).
-
-    `order` lists the revisions as they should appear, base first.
-    """
-    data_plots, images = [], []
+def changed_plots(plots: dict, order: list[str], report_dir: Path) -> tuple[list[str], dict[str, list]]:
+    """Names of the data plots whose data differ between revisions, and the image plots that differ:
+    {name: [(revision, image path relative to report_dir)]}, revisions in `order` (base first)."""
+    data_plots, images = [], defaultdict(list)
     for name, entries in plots.items():
         for entry in entries:
             if entry["type"] == "vega" and _data_differs(entry["content"]):
                 data_plots.append(name)
             elif entry["type"] == "image":
-                images.append((name, entry))
-    changed_images: dict[str, list] = defaultdict(list)
-    digests: dict[str, set] = defaultdict(set)
-    for name, entry in images:
-        path = Path(entry["url"])
-        digests[name].add(hashlib.sha256(path.read_bytes()).hexdigest())
-        changed_images[name].append((entry["revisions"][0], path.resolve().relative_to(report_dir.resolve())))
-    picked = [(name, sorted(shown, key=lambda pair: order.index(pair[0]) if pair[0] in order else len(order)))
-              for name, shown in changed_images.items() if len(digests[name]) > 1 or len(shown) == 1]
-    return data_plots, picked
+                images[name].append((entry["revisions"][0], Path(entry["url"]).resolve()))
+    changed = {}
+    for name, shown in images.items():
+        if len(shown) == 1 or len({path.read_bytes() for _, path in shown}) > 1:  # new, gone or redrawn
+            shown.sort(key=lambda pair: order.index(pair[0]) if pair[0] in order else len(order))
+            changed[name] = [(rev, path.relative_to(report_dir.resolve())) for rev, path in shown]
+    return data_plots, changed
 
 
 def _data_differs(content: dict) -> bool:
@@ -68,11 +58,12 @@ def _data_differs(content: dict) -> bool:
 
 
 def build_report(base: str, target: str | None, output: Path) -> str:
-    revs = revisions(base, target)
+    revs = [base] if target is None else [base, target]
     shown = f"`{target}`" if target else "this change"
     metrics = dvc("metrics", "diff", *revs, "--md").strip()
     params = dvc("params", "diff", *revs, "--md").strip()
     folder = output.parent / f"{output.stem}_plots"
+    remove(folder)  # images of an earlier report must not pass for this one's
     plots = json.loads(dvc("plots", "diff", *revs, "--json", "-o", str(folder)) or "{}").get("data", {})
     data_plots, images = changed_plots(plots, [*revs, "workspace"], output.parent)
     lines = [f"## Pipeline report: {shown} against `{base}`", "", "### Metrics", "",
@@ -81,7 +72,7 @@ def build_report(base: str, target: str | None, output: Path) -> str:
     if data_plots:
         names = ", ".join(f"**{name}**" for name in data_plots)
         lines += [f"Changed: {names}. Open them with `dvc plots diff {' '.join(revs)}`.", ""]
-    for name, pictures in images:
+    for name, pictures in images.items():
         lines += [f"#### {name}", "", "| " + " | ".join(rev for rev, _ in pictures) + " |",
                   "|" + " --- |" * len(pictures),
                   "| " + " | ".join(f"![{rev}]({path.as_posix()})" for rev, path in pictures) + " |", ""]
