@@ -188,10 +188,7 @@ def main() -> None:
     write_predictions(METRICS / "finetune_predictions.csv", outcome.labels, outcome.predicted, outcome.classes)
     report = outcome.report(params.strategy, time.perf_counter() - started)
     # Test accuracy minus that of the same network trained from scratch: what transfer bought.
-    gain = round(report["test"]["accuracy"] - baseline["test"]["accuracy"], 6)
-    position = list(report).index("total_params") + 1
-    items = list(report.items())
-    report = dict(items[:position] + [("gain_over_scratch", gain)] + items[position:])
+    gain = report["gain_over_scratch"] = round(report["test"]["accuracy"] - baseline["test"]["accuracy"], 6)
     write_json(METRICS / "finetune.json", report)
     print(f"finetune: strategy {params.strategy}, {outcome.trainable:,} trainable parameters, "
           f"target test accuracy {report['test']['accuracy']:.4f} ({gain:+.4f} over scratch) -> {FINETUNED_MODEL}")
