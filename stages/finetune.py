@@ -5,12 +5,16 @@ layers train. The base runs in inference mode (BatchNorm keeps its statistics)
 unless it starts from random weights. With finetune.cache_features the frozen
 part of the network runs once over every split and only the trainable rest
 trains on its output: the same model as the plain path, many times faster.
+finetune.json reports `gain_over_scratch`: test accuracy minus the baseline
+stage's (the same network trained on the target task from random weights).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
+from dataclasses import dataclass
 
 import keras
 import numpy as np
@@ -20,7 +24,7 @@ from transfer.config import Params, load_params
 from transfer.errors import PipelineError, run_stage
 from transfer.models import base_of, build_base, classifier, count_params, freeze, frozen_prefix
 from transfer.outputs import write_json
-from transfer.paths import FINETUNED_MODEL, METRICS, PRETRAINED_MODEL, RECORDS
+from transfer.paths import BASELINE_METRICS, FINETUNED_MODEL, METRICS, PRETRAINED_MODEL, RECORDS
 from transfer.records import Split, check_shards, dataset, labels_of, open_split
 from transfer.training import (
     EVAL_BATCH,
@@ -52,7 +56,7 @@ def labelled_subset(labels: np.ndarray, per_class: int | None, seed: int) -> np.
     return keep
 
 
-def build_model(params: Params, pretrained: keras.Model, classes: int, image_size: int) -> keras.Model:
+def build_model(params: Params, pretrained: keras.Model | None, classes: int, image_size: int) -> keras.Model:
     """The target classifier: the pretrained (or a random) base, frozen per strategy, and a fresh head."""
     strategy = params.chosen_strategy()
     from_scratch = strategy.base_weights == "random"
@@ -119,36 +123,80 @@ def _free_memory() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def main() -> None:
-    started = time.perf_counter()
-    params = load_params()
-    runtime = set_up(params.train, params.finetune.seed)
+@dataclass
+class Outcome:
+    """A fine-tuned model and what its training and evaluation measured."""
+
+    model: keras.Model
+    trainable: int
+    train_images: int
+    progress: Progress
+    evaluation: dict
+    labels: np.ndarray
+    predicted: np.ndarray
+    classes: tuple[str, ...]
+    runtime: Runtime
+
+    def report(self, strategy: int, stage_seconds: float) -> dict:
+        report = metrics_report(strategy=strategy, model=self.model, trainable_params=self.trainable,
+                                evaluation=self.evaluation, progress=self.progress,
+                                stage_seconds=stage_seconds, runtime=self.runtime)
+        report["train_images"] = self.train_images
+        return report
+
+
+def target_splits() -> dict[str, Split]:
+    """The target task's splits, every shard read once so a damaged one is named before any work."""
     splits = {name: open_split(RECORDS, "target", name) for name in SPLITS}
     for split in splits.values():
         check_shards(split)
-    if not PRETRAINED_MODEL.is_file():
+    return splits
+
+
+def fine_tune(params: Params, splits: dict[str, Split], runtime: Runtime) -> Outcome:
+    """Train and evaluate `params.strategy` on the target task (shared by the finetune and baseline stages)."""
+    from_scratch = params.chosen_strategy().base_weights == "random"
+    if not from_scratch and not PRETRAINED_MODEL.is_file():
         raise PipelineError(f"{PRETRAINED_MODEL} not found: run the pretrain stage (dvc repro)")
     train = splits["train"]
     with runtime.strategy.scope():
-        pretrained = keras.models.load_model(PRETRAINED_MODEL)
+        pretrained = None if from_scratch else keras.models.load_model(PRETRAINED_MODEL)
         model = build_model(params, pretrained, len(train.classes), train.image_size)
     trainable = count_params(model.trainable_weights)
     keep = labelled_subset(labels_of(train), params.data.target_labels_per_class, params.finetune.seed)
-
     progress, evaluation, labels, predicted = train_and_evaluate(params, model, splits, keep, runtime)
-    save_model(model, FINETUNED_MODEL, runtime)
+    train_images = int(keep.sum()) if keep is not None else train.count
+    return Outcome(model, trainable, train_images, progress, evaluation, labels, predicted, train.classes, runtime)
+
+
+def read_baseline() -> dict:
+    try:
+        return json.loads(BASELINE_METRICS.read_text())
+    except FileNotFoundError:
+        raise PipelineError(f"{BASELINE_METRICS} not found: run the baseline stage (dvc repro)") from None
+    except json.JSONDecodeError as error:
+        raise PipelineError(f"{BASELINE_METRICS} is not valid JSON ({error}); rerun the baseline stage") from None
+
+
+def main() -> None:
+    started = time.perf_counter()
+    params = load_params()
+    runtime = set_up(params.train, params.finetune.seed)  # first: a multi-worker strategy must exist before TF starts
+    splits = target_splits()
+    baseline = read_baseline()
+    outcome = fine_tune(params, splits, runtime)
+    save_model(outcome.model, FINETUNED_MODEL, runtime)
     if not runtime.chief:
         print("finetune: training done; the chief writes the outputs")
         return
-    write_history(METRICS / "finetune_history.csv", progress.history)
-    write_predictions(METRICS / "finetune_predictions.csv", labels, predicted, train.classes)
-    report = metrics_report(strategy=params.strategy, model=model, trainable_params=trainable,
-                            evaluation=evaluation, progress=progress,
-                            stage_seconds=time.perf_counter() - started, runtime=runtime)
-    report["train_images"] = int(keep.sum()) if keep is not None else train.count
+    write_history(METRICS / "finetune_history.csv", outcome.progress.history)
+    write_predictions(METRICS / "finetune_predictions.csv", outcome.labels, outcome.predicted, outcome.classes)
+    report = outcome.report(params.strategy, time.perf_counter() - started)
+    # Test accuracy minus that of the same network trained from scratch: what transfer bought.
+    gain = report["gain_over_scratch"] = round(report["test"]["accuracy"] - baseline["test"]["accuracy"], 6)
     write_json(METRICS / "finetune.json", report)
-    print(f"finetune: strategy {params.strategy}, {trainable:,} trainable parameters, "
-          f"target test accuracy {evaluation['test']['accuracy']:.4f} -> {FINETUNED_MODEL}")
+    print(f"finetune: strategy {params.strategy}, {outcome.trainable:,} trainable parameters, "
+          f"target test accuracy {report['test']['accuracy']:.4f} ({gain:+.4f} over scratch) -> {FINETUNED_MODEL}")
 
 
 if __name__ == "__main__":

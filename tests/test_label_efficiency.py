@@ -11,10 +11,11 @@ from helpers import make_project, run, run_stage
 
 def test_subset_trains_on_few_labels_and_evaluates_on_everything(tmp_path, tiny_archive):
     project = make_project(tmp_path / "p", tiny_archive, {"data.target_labels_per_class": 3}, git=False)
-    for stage in ("download", "split", "preprocess", "pretrain", "finetune"):
+    for stage in ("download", "split", "preprocess", "pretrain", "baseline", "finetune"):
         run_stage(stage, project, check=True)
-    metrics = json.loads((project / "metrics/finetune.json").read_text())
-    assert metrics["train_images"] == 15  # 3 per class, class-balanced
+    for name in ("finetune", "baseline"):
+        metrics = json.loads((project / f"metrics/{name}.json").read_text())
+        assert metrics["train_images"] == 15  # 3 per class, class-balanced
     test_rows = (project / "metrics/finetune_predictions.csv").read_text().splitlines()[1:]
     assert len(test_rows) == 20  # the whole target test split, untouched by the subset
 

@@ -59,7 +59,7 @@ def test_strategy_overrides_finetune_settings(tmp_path):
     assert settings.learning_rate == 0.0001 and settings.epochs == 10
 
 
-@pytest.mark.parametrize("stage", ["download", "split", "preprocess", "pretrain", "finetune"])
+@pytest.mark.parametrize("stage", ["download", "split", "preprocess", "baseline", "pretrain", "finetune"])
 def test_every_stage_refuses_bad_params_before_work(tmp_path, tiny_archive, stage):
     project = make_project(tmp_path / "p", tiny_archive, {"strategy": 9}, git=False)
     result = run_stage(stage, project)

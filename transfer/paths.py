@@ -13,6 +13,8 @@ PRETRAINED_MODEL = MODELS / "pretrained.keras"
 FINETUNED_MODEL = MODELS / "finetuned.keras"
 CHECKPOINTS = Path("checkpoints")
 METRICS = Path("metrics")
+BASELINE_METRICS = METRICS / "baseline.json"
+FIGURES = METRICS / "figures"
 
 
 def resolve_local(path: str | Path) -> Path:

@@ -268,7 +268,8 @@ def scores(labels: np.ndarray, probabilities: np.ndarray) -> dict:
 
 
 def per_class(labels: np.ndarray, predicted: np.ndarray, class_names: tuple[str, ...]) -> dict:
-    """Per-class precision, recall (= per-class accuracy) and F1, and their macro F1."""
+    """Per-class accuracy (the share of a class's images classified right, i.e. its recall), per-class
+    precision, recall and F1, and their macro F1."""
     classes = len(class_names)
     confusion = np.zeros((classes, classes), dtype=np.int64)
     np.add.at(confusion, (labels, predicted), 1)
@@ -281,7 +282,11 @@ def per_class(labels: np.ndarray, predicted: np.ndarray, class_names: tuple[str,
         name: {"precision": round(float(p), 6), "recall": round(float(r), 6), "f1": round(float(f), 6)}
         for name, p, r, f in zip(class_names, precision, recall, f1)
     }
-    return {"macro_f1": round(float(f1.mean()), 6), "per_class": report}
+    return {
+        "macro_f1": round(float(f1.mean()), 6),
+        "per_class_accuracy": {name: round(float(r), 6) for name, r in zip(class_names, recall)},
+        "per_class": report,
+    }
 
 
 def evaluate_splits(model: keras.Model, splits: dict, class_names: tuple[str, ...]) -> tuple[dict, np.ndarray,

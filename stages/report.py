@@ -1,0 +1,96 @@
+"""The pull-request report: what changed between two revisions, as Markdown.
+
+    python -m stages.report --base main [--target REV] [--output report.md]
+
+It asks the dvc CLI itself: `dvc metrics diff --md`, `dvc params diff --md`
+and `dvc plots diff --json`. Without --target the workspace is compared (what
+`dvc exp run` just produced). Images of changed image plots are copied next to
+the report, so `cml comment update` can upload them; changed data plots
+(curves, confusion matrix) are named, to be opened with `dvc plots diff`.
+Not a pipeline stage: it compares pipeline results, it does not make one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+from collections import defaultdict
+from pathlib import Path
+
+from transfer.errors import PipelineError, run_stage
+from transfer.outputs import remove, write_text
+
+
+def dvc(*arguments: str) -> str:
+    """stdout of a dvc command; a failure is a PipelineError naming the command and dvc's last word."""
+    command = ["dvc", *arguments]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        lines = (result.stderr.strip() or result.stdout.strip() or "no output").splitlines()
+        raise PipelineError(f"`{' '.join(command)}` failed: {lines[-1]}")
+    return result.stdout
+
+
+def changed_plots(plots: dict, order: list[str], report_dir: Path) -> tuple[list[str], dict[str, list]]:
+    """Names of the data plots whose data differ between revisions, and the image plots that differ:
+    {name: [(revision, image path relative to report_dir)]}, revisions in `order` (base first)."""
+    data_plots, images = [], defaultdict(list)
+    for name, entries in plots.items():
+        for entry in entries:
+            if entry["type"] == "vega" and _data_differs(entry["content"]):
+                data_plots.append(name)
+            elif entry["type"] == "image":
+                images[name].append((entry["revisions"][0], Path(entry["url"]).resolve()))
+    changed = {}
+    for name, shown in images.items():
+        if len(shown) == 1 or len({path.read_bytes() for _, path in shown}) > 1:  # new, gone or redrawn
+            shown.sort(key=lambda pair: order.index(pair[0]) if pair[0] in order else len(order))
+            changed[name] = [(rev, path.relative_to(report_dir.resolve())) for rev, path in shown]
+    return data_plots, changed
+
+
+def _data_differs(content: dict) -> bool:
+    rows: dict[str, list] = defaultdict(list)
+    for row in content.get("data", {}).get("values", []):
+        rows[row.get("rev")].append(json.dumps({k: v for k, v in row.items() if k != "rev"}, sort_keys=True))
+    return len(rows) == 1 or len({tuple(sorted(values)) for values in rows.values()}) > 1
+
+
+def build_report(base: str, target: str | None, output: Path) -> str:
+    revs = [base] if target is None else [base, target]
+    shown = f"`{target}`" if target else "this change"
+    metrics = dvc("metrics", "diff", *revs, "--md").strip()
+    params = dvc("params", "diff", *revs, "--md").strip()
+    folder = output.parent / f"{output.stem}_plots"
+    remove(folder)  # images of an earlier report must not pass for this one's
+    plots = json.loads(dvc("plots", "diff", *revs, "--json", "-o", str(folder)) or "{}").get("data", {})
+    data_plots, images = changed_plots(plots, [*revs, "workspace"], output.parent)
+    lines = [f"## Pipeline report: {shown} against `{base}`", "", "### Metrics", "",
+             metrics or "No metric changed.", "", "### Params", "", params or "No param changed.", "",
+             "### Plots", ""]
+    if data_plots:
+        names = ", ".join(f"**{name}**" for name in data_plots)
+        lines += [f"Changed: {names}. Open them with `dvc plots diff {' '.join(revs)}`.", ""]
+    for name, pictures in images.items():
+        lines += [f"#### {name}", "", "| " + " | ".join(rev for rev, _ in pictures) + " |",
+                  "|" + " --- |" * len(pictures),
+                  "| " + " | ".join(f"![{rev}]({path.as_posix()})" for rev, path in pictures) + " |", ""]
+    if not data_plots and not images:
+        lines += ["No plot changed.", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", required=True, help="git revision (or experiment branch) to compare against")
+    parser.add_argument("--target", help="git revision to compare; default: the workspace")
+    parser.add_argument("--output", type=Path, default=Path("report.md"), help="Markdown file to write")
+    arguments = parser.parse_args()
+    report = build_report(arguments.base, arguments.target, arguments.output)
+    write_text(arguments.output, report)
+    print(f"report: {arguments.output}")
+
+
+if __name__ == "__main__":
+    run_stage(main)

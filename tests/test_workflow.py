@@ -1,0 +1,59 @@
+"""The pull-request workflow: valid YAML that calls only what exists in the project."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+
+import yaml
+from helpers import ROOT, set_params
+
+from transfer.config import load_params
+
+WORKFLOW = ROOT / ".github/workflows/pr-report.yml"
+DVC_COMMANDS = ("dvc exp run", "dvc exp branch", "dvc plots diff")
+
+
+def workflow() -> dict:
+    return yaml.safe_load(WORKFLOW.read_text())
+
+
+def scripts() -> str:
+    return "\n".join(step.get("run", "") for step in workflow()["jobs"]["report"]["steps"])
+
+
+def test_runs_on_pull_requests_and_may_comment():
+    parsed = workflow()
+    assert "pull_request" in parsed[True]  # YAML 1.1 reads the key `on` as true
+    assert parsed["permissions"]["pull-requests"] == "write"
+    checkout = parsed["jobs"]["report"]["steps"][0]
+    assert checkout["uses"].startswith("actions/checkout@") and checkout["with"]["fetch-depth"] == 0
+
+
+def test_every_module_and_file_it_names_exists():
+    text = scripts()
+    modules = re.findall(r"python -m ([\w.]+)", text)
+    assert "stages.report" in modules
+    for module in modules:
+        assert (ROOT / (module.replace(".", "/") + ".py")).is_file(), module
+    for path in re.findall(r"\b(profiles/[\w.]+)", text):
+        assert (ROOT / path).is_file(), path
+    assert 'pip install -e ".[dev]"' in text
+    assert re.search(r"cml comment update --target=pr .*report\.md", text)
+    for line in re.findall(r"^\s*(?:if )?(dvc [^;$\n]*)", text, flags=re.MULTILINE):
+        assert line.startswith(DVC_COMMANDS), line
+        assert "--show-md" not in line
+
+
+def test_ci_profile_is_the_cpu_profile_with_the_official_url(tmp_path):
+    ci = shlex.split((ROOT / "profiles/ci.args").read_text())
+    cpu = shlex.split((ROOT / "profiles/cpu.args").read_text())
+    pairs = list(zip(cpu[::2], cpu[1::2]))
+    assert list(zip(ci[::2], ci[1::2])) == [(flag, value) for flag, value in pairs if not value.startswith("data.")]
+    overrides = dict(pair.split("=", 1) for pair in ci[1::2])
+    params_file = tmp_path / "params.yaml"
+    shutil.copy(ROOT / "params.yaml", params_file)
+    set_params(params_file, {key: yaml.safe_load(value) for key, value in overrides.items()})
+    params = load_params(params_file)
+    assert params.model.backbone == "small_cnn" and params.data.url.startswith("https://")
