@@ -4,9 +4,10 @@
     python -m stages.label_efficiency                                   # collect what `dvc exp show` has
 
 The sweep queues one DVC experiment per (strategy, data.target_labels_per_class,
-finetune.seed) with `dvc exp run --queue`, runs the queue (each
-reuses the cached pretrain: only finetune reruns), then collects every finished
-experiment from `dvc exp show --json` into metrics/label_efficiency.csv and a
+finetune.seed) with `dvc exp run --queue` and runs the queue. Each experiment
+reuses the cached pretrain and reruns baseline and finetune: the baseline stage
+trains the same network from scratch (strategy 0) on the same labelled subset.
+Then every finished experiment from `dvc exp show --json` into metrics/label_efficiency.csv and a
 plot of target test accuracy against labels per class, one line per strategy.
 Extra arguments (such as the CPU profile's -S overrides) go to `dvc exp run`.
 """
@@ -41,13 +42,17 @@ def queue(labels: list[str], strategies: list[str], seeds: list[str], extra: lis
 
 
 def run_queue(jobs: int, poll_seconds: float = 2.0) -> None:
+    """Start the queue workers and wait until they leave (they do once the queue is empty).
+
+    The workers' pid files are watched rather than `dvc queue status` polled: frequent
+    status calls can race with a worker and stop it (treeverse/dvc-task#73).
+    """
     _dvc(["dvc", "queue", "start", "--jobs", str(jobs)])
-    while True:
-        status = _dvc(["dvc", "queue", "status"])
-        if not any(word in status for word in ("Queued", "Running")):
-            break
+    workers = Path(".dvc/tmp/exps/celery")
+    while any(Path(f"/proc/{pid.read_text().strip()}").exists()
+              for pid in workers.glob("dvc-exp-worker-*.pid") if pid.is_file()):
         time.sleep(poll_seconds)
-    failed = [line for line in status.splitlines() if "Failed" in line]
+    failed = [line for line in _dvc(["dvc", "queue", "status"]).splitlines() if "Failed" in line]
     if failed:
         print(f"label_efficiency: {len(failed)} experiment(s) failed; see `dvc queue logs <name>`")
 
@@ -68,26 +73,32 @@ def experiments(shown: list[dict]) -> Iterator[dict]:
 
 
 def collect(shown: list[dict]) -> pd.DataFrame:
+    """One row per (strategy, labels per class, seed): finetune's strategy, and the from-scratch
+    baseline that every experiment trains beside it on the same labelled subset."""
     rows = []
     for experiment in experiments(shown):
         data = experiment.get("data") or {}
         params = data.get("params", {}).get("params.yaml", {}).get("data", {})
-        metrics = data.get("metrics", {}).get("metrics/finetune.json", {}).get("data")
-        if not params or not metrics or "test" not in metrics:
+        metrics = data.get("metrics", {})
+        if not params:
             continue
-        rows.append({
-            "strategy": params["strategy"],
-            "labels_per_class": params["data"]["target_labels_per_class"] or "all",
-            "seed": params["finetune"]["seed"],
-            "images_per_class": metrics["train_images"] // len(params["data"]["target_classes"]),
-            "test_accuracy": metrics["test"]["accuracy"],
-            "test_macro_f1": metrics["test"].get("macro_f1"),
-            "timestamp": data.get("timestamp") or "",
-        })
+        for file, strategy in (("metrics/finetune.json", params["strategy"]), ("metrics/baseline.json", 0)):
+            result = metrics.get(file, {}).get("data")
+            if not result or "test" not in result:
+                continue
+            rows.append({
+                "strategy": strategy,
+                "labels_per_class": params["data"]["target_labels_per_class"] or "all",
+                "seed": params["finetune"]["seed"],
+                "images_per_class": result["train_images"] // len(params["data"]["target_classes"]),
+                "test_accuracy": result["test"]["accuracy"],
+                "test_macro_f1": result["test"].get("macro_f1"),
+                "timestamp": data.get("timestamp") or "",
+            })
     if not rows:
         raise PipelineError("no finished experiments with metrics/finetune.json in `dvc exp show`; run the sweep first")
     table = pd.DataFrame(rows).sort_values("timestamp")
-    # A point run twice keeps its latest result.
+    # A point run twice (or a baseline seen by several experiments) keeps its latest result.
     table = table.drop_duplicates(["strategy", "labels_per_class", "seed"], keep="last").drop(columns="timestamp")
     return table.sort_values(["strategy", "images_per_class", "seed"]).reset_index(drop=True)
 
@@ -123,7 +134,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", action="store_true", help="queue and run the sweep before collecting")
     parser.add_argument("--labels", default="10,50,250,1000,null", help="labels per class (null = all)")
-    parser.add_argument("--strategies", default="0,1", help="strategies to compare (0 = no transfer)")
+    parser.add_argument("--strategies", default="1", help="strategies to sweep; baseline adds 0")
     parser.add_argument("--seeds", default="1,2,3", help="finetune.seed values")
     parser.add_argument("--jobs", type=int, default=2, help="experiments run at once")
     args, extra = parser.parse_known_args()

@@ -26,10 +26,10 @@ def test_sweep_collects_one_row_per_strategy_labels_and_seed(tmp_path, tiny_arch
     run(["git", "add", "-A"], project)
     run(["git", "commit", "-qm", "baseline"], project)
     result = run([sys.executable, "-m", "stages.label_efficiency", "--run",
-                  "--labels", "2,null", "--strategies", "0,1", "--seeds", "7"], project)
+                  "--labels", "2,null", "--strategies", "1,2", "--seeds", "7"], project)
     table = pd.read_csv(project / "metrics/label_efficiency.csv")
-    assert len(table) == 4, result.stdout
+    assert len(table) == 6, result.stdout  # strategies 1 and 2, and the baseline (0), at two label counts
     assert not table.duplicated(["strategy", "labels_per_class", "seed"]).any()
     assert set(table["images_per_class"]) == {2, 11}
-    assert set(table["strategy"]) == {0, 1} and set(table["seed"]) == {7}
+    assert set(table["strategy"]) == {0, 1, 2} and set(table["seed"]) == {7}
     assert (project / "metrics/label_efficiency.png").read_bytes()[:4] == b"\x89PNG"
