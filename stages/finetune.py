@@ -5,10 +5,13 @@ layers train. The base runs in inference mode (BatchNorm keeps its statistics)
 unless it starts from random weights. With finetune.cache_features the frozen
 part of the network runs once over every split and only the trainable rest
 trains on its output: the same model as the plain path, many times faster.
+Training through the base checkpoints every epoch, like pretrain, so an
+interrupted run continues where it stopped.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 
@@ -19,8 +22,8 @@ import tensorflow as tf
 from transfer.config import Params, load_params
 from transfer.errors import PipelineError, run_stage
 from transfer.models import base_of, build_base, classifier, count_params, freeze, frozen_prefix
-from transfer.outputs import atomic_output, write_json
-from transfer.paths import FINETUNED_MODEL, METRICS, PRETRAINED_MODEL, RECORDS
+from transfer.outputs import atomic_output, remove, write_json
+from transfer.paths import CHECKPOINTS, FINETUNED_MODEL, METRICS, PRETRAINED_MODEL, RECORDS
 from transfer.records import Split, check_shards, dataset, labels_of, open_split
 from transfer.training import (
     EVAL_BATCH,
@@ -28,14 +31,17 @@ from transfer.training import (
     Runtime,
     compile_model,
     evaluate_splits,
+    fingerprint,
     fit,
     metrics_report,
+    resume,
     set_up,
     write_history,
     write_predictions,
 )
 
 SPLITS = ("train", "val", "test")
+CHECKPOINT_FOLDER = CHECKPOINTS / "finetune"
 
 
 def labelled_subset(labels: np.ndarray, per_class: int | None, seed: int) -> np.ndarray | None:
@@ -79,21 +85,29 @@ def feature_bytes(prefix: keras.Model, images: int) -> int:
 
 
 def train_and_evaluate(params: Params, model: keras.Model, splits: dict[str, Split], keep: np.ndarray | None,
-                       runtime: Runtime) -> tuple[Progress, dict, np.ndarray, np.ndarray]:
+                       runtime: Runtime, key: str) -> tuple[keras.Model, Progress, dict, np.ndarray, np.ndarray]:
+    """Train and evaluate; returns the full model (a resumed one replaces `model`), progress and results."""
     settings = params.finetune_settings()
     train_images = int(keep.sum()) if keep is not None else splits["train"].count
     cut = frozen_prefix(model) if params.finetune.cache_features else None
     if cut is not None and feature_bytes(cut[0], sum(s.count for s in splits.values())) > _free_memory() / 2:
         print("finetune: the feature cache would not fit in half the free memory; training through the base")
         cut = None
-    progress = Progress()
     if cut is None:
+        resumed, progress = resume(CHECKPOINT_FOLDER, key)
+        model = resumed or model
         data = {name: dataset(split, EVAL_BATCH, keep=keep if name == "train" else None)
                 for name, split in splits.items()}
         train_data = dataset(splits["train"], settings.batch_size, keep=keep,
                              shuffle_buffer=params.train.shuffle_buffer, seed=params.seed)
-        trained = model
+        trained, checkpoints = model, CHECKPOINT_FOLDER
     else:
+        # No checkpoint: after the one pass that caches features, an epoch over them takes seconds,
+        # and checkpointing the suffix (which shares layers with the full model) would cost more than
+        # it saves. The folder still has to exist, as dvc.yaml lists it as an output.
+        remove(CHECKPOINT_FOLDER)
+        CHECKPOINT_FOLDER.mkdir(parents=True)
+        progress, checkpoints = Progress(), None
         prefix, trained = cut
         print(f"finetune: caching the output of {len(prefix.layers)} frozen layers")
         features = {name: cached_features(prefix, dataset(split, EVAL_BATCH, keep=keep if name == "train" else None))
@@ -102,10 +116,20 @@ def train_and_evaluate(params: Params, model: keras.Model, splits: dict[str, Spl
         train_data = (_in_memory(*features["train"])
                       .shuffle(params.train.shuffle_buffer, seed=params.seed, reshuffle_each_iteration=True)
                       .batch(settings.batch_size).prefetch(tf.data.AUTOTUNE))
-    compile_model(trained, settings.learning_rate, params.train, runtime)
-    fit(trained, train_data, data["val"], settings.epochs, progress, train_images)
+    compile_model(trained, settings.learning_rate, params.train, runtime,
+                  optimizer=getattr(trained, "optimizer", None) if checkpoints else None)
+    fit(trained, train_data, data["val"], settings.epochs, progress, train_images, checkpoints, key)
     evaluation, labels, predicted = evaluate_splits(trained, data, splits["train"].classes)
-    return progress, evaluation, labels, predicted
+    return model, progress, evaluation, labels, predicted
+
+
+def checkpoint_key(params: Params) -> str:
+    """Everything a finetune checkpoint depends on: the stage's params, the records and the pretrained model."""
+    return fingerprint("finetune", params.seed, params.strategy, params.chosen_strategy().model_dump(),
+                       params.finetune_settings().model_dump(), params.finetune.model_dump(),
+                       params.train.model_dump(), params.model.head_units, params.model.dropout,
+                       params.data.target_labels_per_class, (RECORDS / "meta.json").read_text(),
+                       hashlib.md5(PRETRAINED_MODEL.read_bytes()).hexdigest())
 
 
 def _in_memory(features: tuple[np.ndarray, ...], labels: np.ndarray) -> tf.data.Dataset:
@@ -132,7 +156,8 @@ def main() -> None:
     trainable = count_params(model.trainable_weights)
     keep = labelled_subset(labels_of(train), params.data.target_labels_per_class, params.seed)
 
-    progress, evaluation, labels, predicted = train_and_evaluate(params, model, splits, keep, runtime)
+    model, progress, evaluation, labels, predicted = train_and_evaluate(params, model, splits, keep, runtime,
+                                                                        checkpoint_key(params))
 
     with atomic_output(FINETUNED_MODEL) as path:
         model.save(path)
