@@ -55,7 +55,8 @@ def _handler(server: Server) -> type[BaseHTTPRequestHandler]:
 
 @contextmanager
 def serve(files: dict[str, Path | bytes], faults: list[str] = ()) -> Iterator[Server]:
-    contents = {f"/{name}": data if isinstance(data, bytes) else Path(data).read_bytes() for name, data in files.items()}
+    contents = {f"/{name}": data if isinstance(data, bytes) else Path(data).read_bytes()
+                for name, data in files.items()}
     server = Server(contents, list(faults))
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(server))
     server.url = f"http://127.0.0.1:{httpd.server_address[1]}"
