@@ -43,11 +43,12 @@ def main() -> None:
         params = load_params()
         params = params.model_copy(update={"finetune": params.finetune.model_copy(update={"cache_features": cache})})
         splits = {name: open_split(RECORDS, "target", name) for name in ("train", "val", "test")}
-        runtime = set_up(params.train, params.seed)
+        runtime = set_up(params.train, params.finetune.seed)
         model = build_model(params, keras.models.load_model(PRETRAINED_MODEL), len(splits["train"].classes),
                             args.image_size)
         started = time.perf_counter()
-        _, evaluation, _, _ = train_and_evaluate(params, model, splits, None, runtime)
+        # No checkpoints: the comparison is of training, not of saving models.
+        _, _, evaluation, _, _ = train_and_evaluate(params, model, splits, None, runtime, checkpoints=None)
         results["cached" if cache else "plain"] = (time.perf_counter() - started, evaluation["test"]["accuracy"])
     (plain_seconds, plain_accuracy), (cached_seconds, cached_accuracy) = results["plain"], results["cached"]
     report({"benchmark": "finetune_cache", "backbone": args.backbone, "image_size": args.image_size,

@@ -14,7 +14,7 @@ from stages.finetune import fine_tune, target_splits
 from transfer.config import load_params
 from transfer.errors import PipelineError, run_stage
 from transfer.outputs import write_json
-from transfer.paths import BASELINE_METRICS, METRICS
+from transfer.paths import BASELINE_METRICS, CHECKPOINTS, METRICS
 from transfer.training import set_up, write_history
 
 BASELINE_STRATEGY = 0
@@ -28,7 +28,8 @@ def main() -> None:
         raise PipelineError(f"params.yaml: strategies.{BASELINE_STRATEGY} must be the from-scratch baseline "
                             "(base_weights: random)")
     runtime = set_up(params.train, params.finetune.seed)  # first: a multi-worker strategy must exist before TF starts
-    outcome = fine_tune(params.model_copy(update={"strategy": BASELINE_STRATEGY}), target_splits(), runtime)
+    outcome = fine_tune(params.model_copy(update={"strategy": BASELINE_STRATEGY}), target_splits(), runtime,
+                         CHECKPOINTS / "baseline")
     if not runtime.chief:
         return
     write_history(METRICS / "baseline_history.csv", outcome.progress.history)

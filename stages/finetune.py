@@ -7,14 +7,18 @@ part of the network runs once over every split and only the trainable rest
 trains on its output: the same model as the plain path, many times faster.
 finetune.json reports `gain_over_scratch`: test accuracy minus the baseline
 stage's (the same network trained on the target task from random weights).
+Training through the base checkpoints every epoch, like pretrain, so an
+interrupted run continues where it stopped.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -24,7 +28,7 @@ from transfer.config import Params, load_params
 from transfer.errors import PipelineError, run_stage
 from transfer.models import base_of, build_base, classifier, count_params, freeze, frozen_prefix
 from transfer.outputs import write_json
-from transfer.paths import BASELINE_METRICS, FINETUNED_MODEL, METRICS, PRETRAINED_MODEL, RECORDS
+from transfer.paths import BASELINE_METRICS, CHECKPOINTS, FINETUNED_MODEL, METRICS, PRETRAINED_MODEL, RECORDS
 from transfer.records import Split, check_shards, dataset, labels_of, open_split
 from transfer.training import (
     EVAL_BATCH,
@@ -32,9 +36,11 @@ from transfer.training import (
     Runtime,
     compile_model,
     evaluate_splits,
+    fingerprint,
     fit,
     global_batch,
     metrics_report,
+    resume,
     save_model,
     set_up,
     write_history,
@@ -85,21 +91,31 @@ def feature_bytes(prefix: keras.Model, images: int) -> int:
 
 
 def train_and_evaluate(params: Params, model: keras.Model, splits: dict[str, Split], keep: np.ndarray | None,
-                       runtime: Runtime) -> tuple[Progress, dict, np.ndarray, np.ndarray]:
+                       runtime: Runtime, checkpoints: Path | None, key: str = "",
+                       ) -> tuple[keras.Model, Progress, dict, np.ndarray, np.ndarray]:
+    """Train and evaluate; returns the full model (a resumed one replaces `model`), progress and results."""
     settings = params.finetune_settings()
     train_images = int(keep.sum()) if keep is not None else splits["train"].count
     cut = frozen_prefix(model) if params.finetune.cache_features else None
     if cut is not None and feature_bytes(cut[0], sum(s.count for s in splits.values())) > _free_memory() / 2:
         print("finetune: the feature cache would not fit in half the free memory; training through the base")
         cut = None
-    progress = Progress()
     if cut is None:
+        progress = Progress()
+        if checkpoints is not None:
+            with runtime.strategy.scope():
+                resumed, progress = resume(checkpoints, key, runtime)
+            model = resumed or model
         data = {name: dataset(split, EVAL_BATCH, keep=keep if name == "train" else None)
                 for name, split in splits.items()}
         train_data = dataset(splits["train"], global_batch(settings.batch_size, runtime), keep=keep,
                              shuffle_buffer=params.train.shuffle_buffer, seed=params.finetune.seed)
         trained = model
     else:
+        # No checkpoint: after the one pass that caches features, an epoch over them takes seconds,
+        # and checkpointing the suffix (which shares layers with the full model) would cost more than
+        # it saves.
+        progress, checkpoints = Progress(), None
         prefix, trained = cut
         print(f"finetune: caching the output of {len(prefix.layers)} frozen layers")
         features = {name: cached_features(prefix, dataset(split, EVAL_BATCH, keep=keep if name == "train" else None))
@@ -108,10 +124,21 @@ def train_and_evaluate(params: Params, model: keras.Model, splits: dict[str, Spl
         train_data = (_in_memory(*features["train"])
                       .shuffle(params.train.shuffle_buffer, seed=params.finetune.seed, reshuffle_each_iteration=True)
                       .batch(global_batch(settings.batch_size, runtime)).prefetch(tf.data.AUTOTUNE))
-    compile_model(trained, settings.learning_rate, params.train, runtime)
-    fit(trained, train_data, data["val"], settings.epochs, progress, train_images, runtime)
+    compile_model(trained, settings.learning_rate, params.train, runtime,
+                  optimizer=getattr(trained, "optimizer", None) if checkpoints else None)
+    fit(trained, train_data, data["val"], settings.epochs, progress, train_images, runtime, checkpoints, key)
     evaluation, labels, predicted = evaluate_splits(trained, data, splits["train"].classes)
-    return progress, evaluation, labels, predicted
+    return model, progress, evaluation, labels, predicted
+
+
+def checkpoint_key(params: Params) -> str:
+    """Everything a finetune checkpoint depends on: the stage's params, the records and the pretrained model."""
+    return fingerprint("finetune", params.finetune.seed, params.strategy, params.chosen_strategy().model_dump(),
+                       params.finetune_settings().model_dump(), params.finetune.model_dump(),
+                       params.train.model_dump(), params.model.head_units, params.model.dropout,
+                       params.data.target_labels_per_class, (RECORDS / "meta.json").read_text(),
+                       None if params.chosen_strategy().base_weights == "random"
+                       else hashlib.md5(PRETRAINED_MODEL.read_bytes()).hexdigest())
 
 
 def _in_memory(features: tuple[np.ndarray, ...], labels: np.ndarray) -> tf.data.Dataset:
@@ -153,7 +180,7 @@ def target_splits() -> dict[str, Split]:
     return splits
 
 
-def fine_tune(params: Params, splits: dict[str, Split], runtime: Runtime) -> Outcome:
+def fine_tune(params: Params, splits: dict[str, Split], runtime: Runtime, checkpoints: Path) -> Outcome:
     """Train and evaluate `params.strategy` on the target task (shared by the finetune and baseline stages)."""
     from_scratch = params.chosen_strategy().base_weights == "random"
     if not from_scratch and not PRETRAINED_MODEL.is_file():
@@ -164,7 +191,8 @@ def fine_tune(params: Params, splits: dict[str, Split], runtime: Runtime) -> Out
         model = build_model(params, pretrained, len(train.classes), train.image_size)
     trainable = count_params(model.trainable_weights)
     keep = labelled_subset(labels_of(train), params.data.target_labels_per_class, params.finetune.seed)
-    progress, evaluation, labels, predicted = train_and_evaluate(params, model, splits, keep, runtime)
+    model, progress, evaluation, labels, predicted = train_and_evaluate(params, model, splits, keep, runtime,
+                                                                        checkpoints, checkpoint_key(params))
     train_images = int(keep.sum()) if keep is not None else train.count
     return Outcome(model, trainable, train_images, progress, evaluation, labels, predicted, train.classes, runtime)
 
@@ -184,7 +212,7 @@ def main() -> None:
     runtime = set_up(params.train, params.finetune.seed)  # first: a multi-worker strategy must exist before TF starts
     splits = target_splits()
     baseline = read_baseline()
-    outcome = fine_tune(params, splits, runtime)
+    outcome = fine_tune(params, splits, runtime, CHECKPOINTS / "finetune")
     save_model(outcome.model, FINETUNED_MODEL, runtime)
     if not runtime.chief:
         print("finetune: training done; the chief writes the outputs")

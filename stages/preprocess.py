@@ -2,14 +2,19 @@
 
 Shards are written by a pool of worker processes (preprocess.workers, all
 cores by default), each with a one-thread TensorFlow, so N workers use N cores.
-The output does not depend on the number of workers.
+The output does not depend on the number of workers. Workers die with the
+stage, even a kill -9 of it, so none goes on writing into a folder that the
+next run deletes.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import multiprocessing
 import os
+import signal
+import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
@@ -52,6 +57,15 @@ def plan_shards(split_root: Path, out_root: Path, image_size: int, encoding: str
     return jobs, meta
 
 
+def _start_worker(stage: int) -> None:
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the stage
+    if os.getppid() != stage:  # the stage died before the line above took effect
+        os._exit(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the stage handles it
+    _single_threaded_tensorflow()
+
+
 def _single_threaded_tensorflow() -> None:
     os.environ["TF_NUM_INTRAOP_THREADS"] = "1"
     os.environ["TF_NUM_INTEROP_THREADS"] = "1"
@@ -66,10 +80,22 @@ def write_all(jobs: list[ShardJob], workers: int) -> None:
     # spawn, not fork: a forked copy of a process that already runs TensorFlow can deadlock.
     context = multiprocessing.get_context("spawn")
     total = sum(job.stop - job.start for job in jobs)
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_single_threaded_tensorflow) as pool, \
-            tqdm(total=total, unit="img", desc="preprocess", mininterval=1) as bar:
-        for done in as_completed([pool.submit(write_shard, job) for job in biggest_first]):
-            bar.update(done.result())
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(os.getpid(),))
+    try:
+        with tqdm(total=total, unit="img", desc="preprocess", mininterval=1) as bar:
+            for done in as_completed([pool.submit(write_shard, job) for job in biggest_first]):
+                bar.update(done.result())
+    except BaseException:
+        # A failed shard or Ctrl-C: stop the other workers before atomic_output deletes the folder
+        # they write into. shutdown() would wait for their shards; Python < 3.14 has no public kill.
+        processes = list((pool._processes or {}).values())
+        for process in processes:
+            process.kill()
+        for process in processes:
+            process.join()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
 
 
 def main() -> None:

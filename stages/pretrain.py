@@ -44,7 +44,7 @@ def main() -> None:
     train = splits["train"]
     checkpoints = CHECKPOINTS / "pretrain"
     key = fingerprint("pretrain", params.seed, params.model.model_dump(), settings.model_dump(),
-                      (RECORDS / "meta.json").read_text())
+                      params.train.model_dump(), (RECORDS / "meta.json").read_text())
 
     with runtime.strategy.scope():
         model, progress = resume(checkpoints, key, runtime)

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -102,12 +103,37 @@ def make_project(folder: Path, archive: Path, overrides: dict | None = None, git
     return folder
 
 
+ENVIRONMENT = {**os.environ, "DVC_NO_ANALYTICS": "1", "PYTHONUNBUFFERED": "1"}
+
+
 def run(command: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    environment = {**os.environ, "DVC_NO_ANALYTICS": "1", "PYTHONUNBUFFERED": "1"}
-    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=environment)
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=ENVIRONMENT)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def start(command: list[str], cwd: Path) -> subprocess.Popen:
+    """Run `command` in the background in its own process group, as a terminal runs a job.
+
+    Its output goes to files, not pipes, so a chatty process never blocks on a full pipe.
+    """
+    logs = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+    process = subprocess.Popen(command, cwd=cwd, stdout=logs[0], stderr=logs[1], text=True, env=ENVIRONMENT,
+                               start_new_session=True)
+    process.logs = logs
+    return process
+
+
+def finish(process: subprocess.Popen, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Wait for a process from start(); its exit code and output."""
+    process.wait(timeout)
+    texts = []
+    for log in process.logs:
+        log.seek(0)
+        texts.append(log.read())
+        log.close()
+    return subprocess.CompletedProcess(process.args, process.returncode, *texts)
 
 
 def run_stage(stage: str, cwd: Path, check: bool = False) -> subprocess.CompletedProcess:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from helpers import make_project, run_stage
 
-from stages.finetune import build_model, labelled_subset, train_and_evaluate
+from stages.finetune import build_model, checkpoint_key, labelled_subset, train_and_evaluate
 from transfer.config import Strategy, load_params
 from transfer.models import base_of, build_base, classifier, count_params, freeze, frozen_prefix
 from transfer.records import open_split
@@ -104,7 +104,8 @@ def test_cached_features_train_the_same_model_as_the_plain_path(inception_projec
         pretrained = keras.models.load_model("models/pretrained.keras")
         model = build_model(params, pretrained, 5, 75)
         before = [w.numpy().copy() for w in model.trainable_weights]
-        _, evaluation, _, _ = train_and_evaluate(params, model, splits, None, runtime)
+        model, _, evaluation, _, _ = train_and_evaluate(params, model, splits, None, runtime,
+                                                        inception_project / "checkpoints", checkpoint_key(params))
         trained[cache] = (before, [w.numpy() for w in model.trainable_weights], evaluation)
     (before_cached, after_cached, eval_cached), (before_plain, after_plain, eval_plain) = trained[True], trained[False]
     for start_a, start_b in zip(before_cached, before_plain):

@@ -86,7 +86,7 @@ def _example(image: bytes, label: int, index: int) -> bytes:
         "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(label)])),
         "index": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(index)])),
     }
-    # deterministic: protobuf orders map entries arbitrarily otherwise, and a rebuild must match dvc.lock
+    # Protobuf writes map entries in a per-process hash order unless asked; identical records need sorted keys.
     return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString(deterministic=True)
 
 
