@@ -103,11 +103,13 @@ def make_project(folder: Path, archive: Path, overrides: dict | None = None, git
     return folder
 
 
-ENVIRONMENT = {**os.environ, "DVC_NO_ANALYTICS": "1", "PYTHONUNBUFFERED": "1"}
+def environment() -> dict[str, str]:
+    """The test's environment as it is now (tests may set TF_CONFIG and the like)."""
+    return {**os.environ, "DVC_NO_ANALYTICS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def run(command: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=ENVIRONMENT)
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=environment())
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
@@ -119,7 +121,7 @@ def start(command: list[str], cwd: Path) -> subprocess.Popen:
     Its output goes to files, not pipes, so a chatty process never blocks on a full pipe.
     """
     logs = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
-    process = subprocess.Popen(command, cwd=cwd, stdout=logs[0], stderr=logs[1], text=True, env=ENVIRONMENT,
+    process = subprocess.Popen(command, cwd=cwd, stdout=logs[0], stderr=logs[1], text=True, env=environment(),
                                start_new_session=True)
     process.logs = logs
     return process

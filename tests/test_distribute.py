@@ -34,13 +34,15 @@ def single(tmp_path_factory, tiny_archive):
     """Preprocessed tiny data, and pretrain and finetune run once on the default single device."""
     project = make_project(tmp_path_factory.mktemp("distribute") / "single", tiny_archive,
                            {"pretrain.epochs": 1, "finetune.epochs": 1}, git=False)
-    for stage in ("download", "split", "preprocess", "pretrain", "finetune"):
+    for stage in ("download", "split", "preprocess", "pretrain", "baseline", "finetune"):
         run_stage(stage, project, check=True)
     return project
 
 
 def copy_of(project, destination, distribute: str):
     shutil.copytree(project, destination, ignore=shutil.ignore_patterns("models", "metrics", "checkpoints"))
+    (destination / "metrics").mkdir()
+    shutil.copy(project / "metrics/baseline.json", destination / "metrics")  # finetune reports its gain over it
     set_params(destination / "params.yaml", {"train.distribute": distribute})
     return destination
 

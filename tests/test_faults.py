@@ -87,7 +87,7 @@ def test_changed_param_discards_the_checkpoint(project):
 
 
 def test_ctrl_c_in_finetune_explains_itself_and_the_rerun_resumes(project):
-    run(["dvc", "repro", "pretrain"], project)
+    run(["dvc", "repro", "pretrain", "baseline"], project)
     checkpoints = project / "checkpoints/finetune"
     job = start([sys.executable, "-m", "stages.finetune"], project)
     wait_until(lambda: epochs_checkpointed(checkpoints) >= 1, job, "a checkpointed epoch")
