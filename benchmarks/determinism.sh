@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# What TF op determinism costs: the pretrain stage of the CPU profile (full CIFAR-10, small_cnn at 32 px, XLA,
+# What TF op determinism costs: the pretrain stage of the CPU profile (full CIFAR-10, small_cnn at 32 px, no XLA,
 # 3 epochs) with train.deterministic true and false, twice each, in a throwaway copy of the project.
 # Usage: bash benchmarks/determinism.sh [folder]   (run from the project root, with the venv active)
 set -euo pipefail
@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(sys.argv[1]) / "tests"))
 from helpers import make_project
 make_project(Path(sys.argv[2]), (Path(sys.argv[1]) / "../shared/datasets/cifar-10-python.tar.gz").resolve(), {
     "pretrain.epochs": 3, "pretrain.batch_size": 32, "pretrain.learning_rate": 0.0005,
-    "train.steps_per_execution": 15, "train.shuffle_buffer": 10000, "train.jit_compile": True,
+    "train.steps_per_execution": 15, "train.shuffle_buffer": 10000, "train.jit_compile": False,
     "model.head_units": 128}, git=False)
 PY
 cd "$work/p"

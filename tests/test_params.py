@@ -72,3 +72,11 @@ def test_every_stage_refuses_bad_params_before_work(tmp_path, tiny_archive, stag
 def test_missing_params_file(tmp_path):
     with pytest.raises(PipelineError, match="nothere.yaml not found"):
         load_params(Path(tmp_path / "nothere.yaml"))
+
+
+def test_xla_needs_determinism_off(tmp_path, tiny_archive):
+    project = make_project(tmp_path / "p", tiny_archive, {"train.jit_compile": True}, git=False)
+    result = run_stage("pretrain", project)
+    assert result.returncode == 1
+    assert last_line(result) == ("error: train.jit_compile=true needs train.deterministic=false: "
+                                 "Keras does not compile with XLA under TF op determinism")

@@ -63,7 +63,11 @@ def set_up(train: Train, seed: int) -> Runtime:
     if train.deterministic:
         tf.config.experimental.enable_op_determinism()
     mixed = bool(gpus) if train.mixed_precision == "auto" else train.mixed_precision
-    jit = bool(gpus) if train.jit_compile == "auto" else train.jit_compile
+    # Keras silently turns XLA off under op determinism (not every XLA kernel is deterministic).
+    if train.jit_compile is True and train.deterministic:
+        raise PipelineError("train.jit_compile=true needs train.deterministic=false: "
+                            "Keras does not compile with XLA under TF op determinism")
+    jit = bool(gpus) and not train.deterministic if train.jit_compile == "auto" else train.jit_compile
     keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
     if distribute != "multi_worker":  # every process trains on its own
         workers, chief = 1, True
