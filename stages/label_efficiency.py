@@ -145,10 +145,10 @@ def main() -> None:
         queue(args.labels.split(","), args.strategies.split(","), args.seeds.split(","), extra)
         run_queue(args.jobs)
     table = collect(json.loads(_dvc(["dvc", "exp", "show", "--json"])))
-    if args.run:  # just this sweep's points, not the preparing run or older experiments
-        labels = {"all" if value == ALL else int(value) for value in args.labels.split(",")}
-        table = table[table["seed"].isin([int(seed) for seed in args.seeds.split(",")])
-                      & table["labels_per_class"].isin(labels)].reset_index(drop=True)
+    # Just the requested grid: not the run that prepared the workspace, nor other experiments.
+    labels = {"all" if value == ALL else int(value) for value in args.labels.split(",")}
+    table = table[table["seed"].isin([int(seed) for seed in args.seeds.split(",")])
+                  & table["labels_per_class"].isin(labels)].reset_index(drop=True)
     write_text(TABLE, table.to_csv(index=False))
     plot(table, PLOT)
     summary = table.groupby(["strategy", "images_per_class"])["test_accuracy"].agg(["mean", "std", "count"])
