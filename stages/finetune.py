@@ -39,6 +39,7 @@ from transfer.training import (
     fingerprint,
     fit,
     global_batch,
+    infer,
     metrics_report,
     resume,
     save_model,
@@ -74,17 +75,6 @@ def build_model(params: Params, pretrained: keras.Model | None, classes: int, im
     return model
 
 
-def cached_features(prefix: keras.Model, data) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
-    """Run the frozen prefix once: (its outputs, labels) for every image of `data`."""
-    step = tf.function(lambda images: prefix(images, training=False))
-    outputs, labels = [], []
-    for images, batch_labels in data:
-        result = step(images)
-        outputs.append(tuple(np.asarray(r) for r in (result if isinstance(result, (list, tuple)) else [result])))
-        labels.append(batch_labels.numpy())
-    return tuple(np.concatenate(parts) for parts in zip(*outputs)), np.concatenate(labels)
-
-
 def feature_bytes(prefix: keras.Model, images: int) -> int:
     outputs = prefix.outputs
     return images * 4 * sum(int(np.prod(tensor.shape[1:])) for tensor in outputs)
@@ -118,8 +108,8 @@ def train_and_evaluate(params: Params, model: keras.Model, splits: dict[str, Spl
         progress, checkpoints = Progress(), None
         prefix, trained = cut
         print(f"finetune: caching the output of {len(prefix.layers)} frozen layers")
-        features = {name: cached_features(prefix, dataset(split, EVAL_BATCH, keep=keep if name == "train" else None))
-                    for name, split in splits.items()}
+        features = infer(prefix, {name: dataset(split, EVAL_BATCH, keep=keep if name == "train" else None)
+                                  for name, split in splits.items()})
         data = {name: _in_memory(*pair).batch(EVAL_BATCH) for name, pair in features.items()}
         train_data = (_in_memory(*features["train"])
                       .shuffle(params.train.shuffle_buffer, seed=params.finetune.seed, reshuffle_each_iteration=True)
