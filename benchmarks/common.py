@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
 
+import numpy as np
+
+from transfer.cifar10 import Cifar10, read_archive, write_archive
 from transfer.config import write_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,6 +37,25 @@ def workspace(name: str, args: argparse.Namespace, overrides: dict[str, object])
                     {"data.url": str(args.archive.resolve()), "data.md5": args.md5, **overrides})
     os.chdir(folder)
     return folder
+
+
+def archive_share(source: Path, fraction: float, folder: Path) -> tuple[Path, str]:
+    """A copy of the archive with the first `fraction` of every class, train and test: (path, md5).
+
+    Every split keeps the proportions of the full pipeline, at a fraction of its cost.
+    """
+    cifar = read_archive(source)
+
+    def share(labels: np.ndarray) -> np.ndarray:
+        return np.sort(np.concatenate([members[:round(fraction * len(members))]
+                                       for members in (np.flatnonzero(labels == c) for c in np.unique(labels))]))
+
+    train, test = share(cifar.train_labels), share(cifar.test_labels)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = write_archive(folder / f"cifar-10-{fraction:g}.tar.gz", Cifar10(
+        cifar.train_images[train], cifar.train_labels[train], cifar.test_images[test], cifar.test_labels[test],
+        cifar.class_names))
+    return path, hashlib.md5(path.read_bytes()).hexdigest()
 
 
 def report(result: dict) -> None:

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import io
 import os
-import pickle
 import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from transfer.cifar10 import META, TEST_BATCH, TRAIN_BATCHES
+from transfer.cifar10 import Cifar10, write_archive
 from transfer.config import CIFAR10_CLASSES
 from transfer.config import write_overrides as set_params  # noqa: F401  (tests import it from here)
 
@@ -30,33 +27,13 @@ def learnable_images(labels: np.ndarray, seed: int) -> np.ndarray:
     return np.clip(palette[labels][:, None, None, :] + noise, 0, 255).astype(np.uint8)
 
 
-def write_archive(path: Path, train_per_class: int = 12, test_per_class: int = 4) -> Path:
+def write_learnable_archive(path: Path, train_per_class: int = 12, test_per_class: int = 4) -> Path:
     """A CIFAR-10 archive in the official python layout, with few images per class."""
     classes = len(CIFAR10_CLASSES)
     train_labels = np.tile(np.arange(classes), train_per_class)
     test_labels = np.tile(np.arange(classes), test_per_class)
-    train_images = learnable_images(train_labels, seed=1)
-    test_images = learnable_images(test_labels, seed=2)
-
-    def add(archive: tarfile.TarFile, name: str, payload: dict) -> None:
-        data = pickle.dumps(payload)
-        info = tarfile.TarInfo(name)
-        info.size = len(data)
-        archive.addfile(info, io.BytesIO(data))
-
-    def batch(images: np.ndarray, labels: np.ndarray, label: str) -> dict:
-        rows = images.transpose(0, 3, 1, 2).reshape(len(images), -1)  # R plane, G plane, B plane
-        return {b"batch_label": label.encode(), b"labels": [int(x) for x in labels], b"data": rows,
-                b"filenames": [f"{i}.png".encode() for i in range(len(labels))]}
-
-    parts = np.array_split(np.arange(len(train_labels)), len(TRAIN_BATCHES))
-    with tarfile.open(path, "w:gz") as archive:
-        for name, part in zip(TRAIN_BATCHES, parts):
-            add(archive, name, batch(train_images[part], train_labels[part], name))
-        add(archive, TEST_BATCH, batch(test_images, test_labels, "testing batch 1 of 1"))
-        add(archive, META, {b"label_names": [c.encode() for c in CIFAR10_CLASSES],
-                            b"num_cases_per_batch": len(parts[0]), b"num_vis": 3072})
-    return path
+    return write_archive(path, Cifar10(learnable_images(train_labels, seed=1), train_labels,
+                                       learnable_images(test_labels, seed=2), test_labels, CIFAR10_CLASSES))
 
 
 def md5_of(path: Path) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers import finish, make_project, run, set_params, start, write_archive
+from helpers import finish, make_project, run, set_params, start, write_learnable_archive
 
 from transfer.records import check_shards, open_split
 
@@ -50,7 +50,7 @@ def history_epochs(project: Path, stage: str) -> list[int]:
 def project(tmp_path_factory) -> Path:
     """A project with TFRecords ready and enough images that an epoch takes a moment."""
     folder = tmp_path_factory.mktemp("faults")
-    archive = write_archive(folder / "cifar-10-python.tar.gz", train_per_class=60, test_per_class=10)
+    archive = write_learnable_archive(folder / "cifar-10-python.tar.gz", train_per_class=60, test_per_class=10)
     project = make_project(folder / "p", archive, {
         "pretrain.epochs": EPOCHS, "finetune.epochs": EPOCHS, "finetune.cache_features": False,
     })
@@ -127,7 +127,7 @@ def assert_complete_records(project: Path) -> None:
 @pytest.fixture
 def slow_preprocess(tmp_path) -> Path:
     """A project whose preprocess writes many shards for a few seconds (160 px JPEG, 2 workers)."""
-    archive = write_archive(tmp_path / "cifar-10-python.tar.gz", train_per_class=60, test_per_class=10)
+    archive = write_learnable_archive(tmp_path / "cifar-10-python.tar.gz", train_per_class=60, test_per_class=10)
     project = make_project(tmp_path / "p", archive, {
         "preprocess.image_size": 160, "preprocess.encoding": "jpeg", "preprocess.shard_size_mb": 0.2,
         "preprocess.workers": 2,

@@ -1,7 +1,8 @@
-"""The official CIFAR-10 "python version" archive: checking and reading it."""
+"""The official CIFAR-10 "python version" archive: checking, reading and writing it."""
 
 from __future__ import annotations
 
+import io
 import pickle
 import tarfile
 import zlib
@@ -52,6 +53,30 @@ def read_archive(path: Path) -> Cifar10:
     except (KeyError, ValueError, TypeError) as error:
         raise PipelineError(f"{path} is not a CIFAR-10 python archive: bad batch ({error})") from None
     return Cifar10(train_images, train_labels, test_images, test_labels, class_names)
+
+
+def write_archive(path: Path, cifar: Cifar10) -> Path:
+    """Write `cifar` as an archive in the official layout (tests and benchmarks build smaller copies)."""
+
+    def add(archive: tarfile.TarFile, name: str, payload: dict) -> None:
+        data = pickle.dumps(payload)
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        archive.addfile(info, io.BytesIO(data))
+
+    def batch(images: np.ndarray, labels: np.ndarray, label: str) -> dict:
+        rows = images.transpose(0, 3, 1, 2).reshape(len(images), -1)  # R plane, G plane, B plane
+        return {b"batch_label": label.encode(), b"labels": [int(x) for x in labels], b"data": rows,
+                b"filenames": [f"{i}.png".encode() for i in range(len(labels))]}
+
+    parts = np.array_split(np.arange(len(cifar.train_labels)), len(TRAIN_BATCHES))
+    with tarfile.open(path, "w:gz") as archive:
+        for name, part in zip(TRAIN_BATCHES, parts):
+            add(archive, name, batch(cifar.train_images[part], cifar.train_labels[part], name))
+        add(archive, TEST_BATCH, batch(cifar.test_images, cifar.test_labels, "testing batch 1 of 1"))
+        add(archive, META, {b"label_names": [c.encode() for c in cifar.class_names],
+                            b"num_cases_per_batch": len(parts[0]), b"num_vis": 3072})
+    return path
 
 
 def _stack(batches) -> tuple[np.ndarray, np.ndarray]:
