@@ -48,13 +48,17 @@ def run_queue(jobs: int, poll_seconds: float = 2.0) -> None:
     status calls can race with a worker and stop it (treeverse/dvc-task#73).
     """
     _dvc(["dvc", "queue", "start", "--jobs", str(jobs)])
-    workers = Path(".dvc/tmp/exps/celery")
-    while any(Path(f"/proc/{pid.read_text().strip()}").exists()
-              for pid in workers.glob("dvc-exp-worker-*.pid") if pid.is_file()):
+    while queue_workers_running(Path(".")):
         time.sleep(poll_seconds)
     failed = [line for line in _dvc(["dvc", "queue", "status"]).splitlines() if "Failed" in line]
     if failed:
         print(f"label_efficiency: {len(failed)} experiment(s) failed; see `dvc queue logs <name>`")
+
+
+def queue_workers_running(project: Path) -> bool:
+    """Whether a `dvc queue` worker of `project` is alive: a worker pid file naming a live process."""
+    pid_files = (project / ".dvc/tmp/exps/celery").glob("dvc-exp-worker-*.pid")
+    return any(Path(f"/proc/{pid.read_text().strip()}").exists() for pid in pid_files if pid.is_file())
 
 
 def _dvc(command: list[str]) -> str:

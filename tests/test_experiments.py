@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import sys
 import time
-from pathlib import Path
 
 import pytest
 from helpers import make_project, run
+
+from stages.label_efficiency import experiments as all_experiments
+from stages.label_efficiency import queue_workers_running
 
 QUEUE_DEADLINE_S = 900  # a stuck queue worker fails the test instead of hanging it
 COMPARISON_COLUMNS = ("(Experiment|(params.yaml:)?strategy|(metrics/finetune.json:)?(trainable_params|test.accuracy"
@@ -16,15 +18,9 @@ COMPARISON_COLUMNS = ("(Experiment|(params.yaml:)?strategy|(metrics/finetune.jso
 
 
 def wait_for_queue(project) -> str:
-    """Wait for the queue worker to finish, then report `dvc queue status`.
-
-    The worker leaves when the queue is empty. Its pid file is watched instead of
-    polling `dvc queue status`, whose worker inspection can race with the worker on
-    DVC's file-system broker and crash it (treeverse/dvc-task#73).
-    """
-    pid_file = project / ".dvc/tmp/exps/celery/dvc-exp-worker-1.pid"
+    """Wait for the queue worker to finish (it leaves when the queue is empty), then report `dvc queue status`."""
     deadline = time.monotonic() + QUEUE_DEADLINE_S
-    while pid_file.is_file() and Path(f"/proc/{pid_file.read_text().strip()}").exists():
+    while queue_workers_running(project):
         if time.monotonic() > deadline:
             raise AssertionError("the experiment queue did not finish")
         time.sleep(2)
@@ -34,12 +30,8 @@ def wait_for_queue(project) -> str:
 def experiments(project) -> dict[str, dict]:
     """{experiment name: its finetune metrics} from `dvc exp show --json`."""
     shown = json.loads(run(["dvc", "exp", "show", "--json"], project).stdout)
-    found = {}
-    for baseline in shown:
-        for experiment in baseline.get("experiments") or []:
-            for revision in experiment["revs"]:
-                found[revision["name"]] = revision["data"]["metrics"]["metrics/finetune.json"]["data"]
-    return found
+    return {revision["name"]: revision["data"]["metrics"]["metrics/finetune.json"]["data"]
+            for revision in all_experiments(shown)}
 
 
 @pytest.fixture(scope="module")
