@@ -59,6 +59,23 @@ def test_single_device_runs_without_a_strategy(single):
         }
 
 
+def test_mixed_precision_on_the_cpu_computes_in_bfloat16_and_predicts_in_float32(single, tmp_path):
+    import keras
+    import numpy as np
+
+    project = copy_of(single, tmp_path / "mixed", "none")
+    set_params(project / "params.yaml", {"train.mixed_precision": True})
+    for stage in ("pretrain", "finetune"):
+        run_stage(stage, project, check=True)
+        report = metrics(project, stage)
+        assert report["runtime"]["mixed_precision"] is True
+        assert np.isfinite(report["test"]["loss"]) and 0 <= report["test"]["accuracy"] <= 1
+    model = keras.models.load_model(project / "models/finetuned.keras")
+    assert model.get_layer("head_dense").dtype_policy.name == "mixed_bfloat16"
+    assert model.get_layer("predictions").dtype_policy.name == "float32"
+    assert model.output.dtype == "float32"
+
+
 def test_mirrored_over_two_cpu_devices(single, tmp_path):
     project = copy_of(single, tmp_path / "mirrored", "mirrored")
     for stage in ("pretrain", "finetune"):  # finetune takes the cached-feature path (strategy 1)

@@ -68,7 +68,9 @@ def set_up(train: Train, seed: int) -> Runtime:
         raise PipelineError("train.jit_compile=true needs train.deterministic=false: "
                             "Keras does not compile with XLA under TF op determinism")
     jit = bool(gpus) and not train.deterministic if train.jit_compile == "auto" else train.jit_compile
-    keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
+    # float16 is far slower than float32 on a CPU; bfloat16 has hardware support on recent ones
+    # (AVX512-BF16, AMX). See BENCHMARKS.md, "Mixed precision on the CPU".
+    keras.mixed_precision.set_global_policy(("mixed_float16" if gpus else "mixed_bfloat16") if mixed else "float32")
     if distribute != "multi_worker":  # every process trains on its own
         workers, chief = 1, True
     runtime = Runtime(gpus, mixed, jit, strategy, distribute, workers, chief)
