@@ -66,5 +66,6 @@ def main() -> None:
             result[f"{policy}_training_speedup"] = round(training / measured["float32"][1], 2)
     report(result)
 
+
 if __name__ == "__main__":
     main()

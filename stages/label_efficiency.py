@@ -42,11 +42,7 @@ def queue(labels: list[str], strategies: list[str], seeds: list[str], extra: lis
 
 
 def run_queue(jobs: int, poll_seconds: float = 2.0) -> None:
-    """Start the queue workers and wait until they leave (they do once the queue is empty).
-
-    The workers' pid files are watched rather than `dvc queue status` polled: frequent
-    status calls can race with a worker and stop it (treeverse/dvc-task#73).
-    """
+    """Start the queue workers and wait until they leave (they do once the queue is empty)."""
     _dvc(["dvc", "queue", "start", "--jobs", str(jobs)])
     while queue_workers_running(Path(".")):
         time.sleep(poll_seconds)
@@ -56,7 +52,11 @@ def run_queue(jobs: int, poll_seconds: float = 2.0) -> None:
 
 
 def queue_workers_running(project: Path) -> bool:
-    """Whether a `dvc queue` worker of `project` is alive: a worker pid file naming a live process."""
+    """Whether a `dvc queue` worker of `project` is alive: a worker pid file naming a live process.
+
+    Pid files rather than `dvc queue status`: frequent status calls can race with a
+    worker on DVC's file-system broker and stop it (treeverse/dvc-task#73).
+    """
     pid_files = (project / ".dvc/tmp/exps/celery").glob("dvc-exp-worker-*.pid")
     return any(Path(f"/proc/{pid.read_text().strip()}").exists() for pid in pid_files if pid.is_file())
 
