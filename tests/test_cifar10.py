@@ -1,0 +1,311 @@
+"""Reading CIFAR-10 archives: every way they are pickled, and refusing anything that is not plain data."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import pickletools
+import struct
+import tarfile
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import ROOT, make_project, run
+
+from transfer.cifar10 import META, TEST_BATCH, TRAIN_BATCHES, Cifar10, read_archive, write_archive
+from transfer.config import CIFAR10_CLASSES
+from transfer.errors import PipelineError
+
+SHARED_COPY = ROOT.parent / "shared/datasets/cifar-10-python.tar.gz"
+RECONSTRUCT = np.zeros(0).__reduce__()[0]
+
+
+class Python2Pickler(pickle._Pickler):
+    """Pickles the way Python 2 and numpy 1.x wrote the official archive: byte strings (and Python 2's
+    `str`, which is bytes) as SHORT_BINSTRING/BINSTRING, arrays rebuilt by numpy.core.multiarray._reconstruct."""
+
+    dispatch = pickle._Pickler.dispatch.copy()
+
+    def save_as_python2_str(self, obj: bytes | str) -> None:
+        data = obj if isinstance(obj, bytes) else obj.encode("latin1")
+        if len(data) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(data)]) + data)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(data)) + data)
+        self.memoize(obj)
+
+    dispatch[bytes] = save_as_python2_str
+    dispatch[str] = save_as_python2_str
+
+    def save_global(self, obj: object, name: str | None = None) -> None:
+        if obj is RECONSTRUCT:
+            self.write(pickle.GLOBAL + b"numpy.core.multiarray\n_reconstruct\n")
+            self.memoize(obj)
+        else:
+            super().save_global(obj, name)
+
+
+def python2_dumps(payload: dict) -> bytes:
+    buffer = io.BytesIO()
+    Python2Pickler(buffer, protocol=2).dump(payload)
+    return buffer.getvalue()
+
+
+FLAVOURS: dict[str, Callable[[dict], bytes]] = {
+    "official (Python 2)": python2_dumps,
+    "shared copy (Python 3, protocol 2)": partial(pickle.dumps, protocol=2),
+    "Python 3, protocol 4": partial(pickle.dumps, protocol=4),
+    "Python 3, protocol 5": partial(pickle.dumps, protocol=5),
+}
+
+
+def random_cifar(train: int = 30, test: int = 10, seed: int = 0) -> Cifar10:
+    """Noise images with labels in no particular order, every pixel value from 0 to 255 present."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, size=(train + test, 32, 32, 3), dtype=np.uint8)
+    images[0, 0, 0], images[1, 0, 0] = (0, 255, 0), (255, 0, 255)
+    labels = rng.integers(0, 10, size=train + test)
+    return Cifar10(images[:train], labels[:train], images[train:], labels[train:], CIFAR10_CLASSES)
+
+
+def opcodes(data: bytes) -> list[tuple[str, object]]:
+    return [(op.name, arg) for op, arg, _ in pickletools.genops(data)]
+
+
+def member(path: Path, name: str) -> bytes:
+    with tarfile.open(path) as archive:
+        return archive.extractfile(name).read()
+
+
+def replace_member(source: Path, target: Path, name: str, data: bytes | None) -> Path:
+    """A copy of archive `source` whose member `name` holds `data`, or is a directory if data is None."""
+    with tarfile.open(source) as old, tarfile.open(target, "w:gz") as new:
+        for info in old:
+            if info.name != name:
+                new.addfile(info, old.extractfile(info))
+                continue
+            replacement = tarfile.TarInfo(name)
+            if data is None:
+                replacement.type = tarfile.DIRTYPE
+                new.addfile(replacement)
+            else:
+                replacement.size = len(data)
+                new.addfile(replacement, io.BytesIO(data))
+    return target
+
+
+class Touch:
+    """Unpickling this runs a shell command that creates `marker`."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return os.system, (f"touch {self.marker}",)
+
+
+def malicious_batch(marker: Path) -> bytes:
+    return pickle.dumps({b"labels": Touch(marker), b"data": np.zeros((1, 3072), np.uint8)}, protocol=2)
+
+
+@pytest.fixture(scope="module")
+def good_archive(tmp_path_factory) -> Path:
+    return write_archive(tmp_path_factory.mktemp("good") / "cifar-10-python.tar.gz", random_cifar())
+
+
+# --- every layout reads to the same data ---------------------------------------------------------------------
+
+
+def test_the_test_archives_are_pickled_as_claimed(tmp_path):
+    cifar = random_cifar()
+    written = {flavour: member(write_archive(tmp_path / f"{n}.tar.gz", cifar, dumps), TRAIN_BATCHES[0])
+               for n, (flavour, dumps) in enumerate(FLAVOURS.items())}
+    official, shared, protocol4, protocol5 = (opcodes(data) for data in written.values())
+    assert ("GLOBAL", "numpy.core.multiarray _reconstruct") in official
+    assert ("SHORT_BINSTRING", "data") in official and "BINSTRING" in {name for name, _ in official}
+    assert not {"BINBYTES", "BINUNICODE", "SHORT_BINBYTES"} & {name for name, _ in official}
+    assert ("GLOBAL", "_codecs encode") in shared and ("PROTO", 2) in shared
+    assert ("PROTO", 4) in protocol4 and ("PROTO", 5) in protocol5
+    assert ("SHORT_BINUNICODE", "_frombuffer") in protocol5  # protocol 5 rebuilds arrays another way
+
+
+def test_every_pickle_flavour_reads_to_identical_images_labels_and_classes(tmp_path):
+    cifar = random_cifar()
+    for n, (flavour, dumps) in enumerate(FLAVOURS.items()):
+        read = read_archive(write_archive(tmp_path / f"{n}.tar.gz", cifar, dumps))
+        # Same order, so every image keeps its own label.
+        assert np.array_equal(read.train_images, cifar.train_images), flavour
+        assert np.array_equal(read.train_labels, cifar.train_labels), flavour
+        assert np.array_equal(read.test_images, cifar.test_images), flavour
+        assert np.array_equal(read.test_labels, cifar.test_labels), flavour
+        assert read.class_names == CIFAR10_CLASSES, flavour
+        assert read.train_images.dtype == np.uint8 and read.train_labels.dtype == np.int64, flavour
+
+
+@pytest.mark.skipif(not SHARED_COPY.exists(), reason=f"no shared copy at {SHARED_COPY}")
+def test_reads_the_shared_copy():
+    cifar = read_archive(SHARED_COPY)
+    assert cifar.class_names == CIFAR10_CLASSES
+    assert cifar.train_images.shape == (50_000, 32, 32, 3) and cifar.test_images.shape == (10_000, 32, 32, 3)
+    assert np.bincount(cifar.train_labels).tolist() == [5_000] * 10
+    assert np.bincount(cifar.test_labels).tolist() == [1_000] * 10
+
+
+# --- archives that are no plain data -------------------------------------------------------------------------
+
+
+def test_a_pickle_that_would_run_code_is_refused_and_nothing_runs(tmp_path, good_archive):
+    marker = tmp_path / "PWNED"
+    pickle.loads(malicious_batch(marker))  # proves the payload works: plain pickle runs it
+    assert marker.exists()
+    marker.unlink()
+    bad = replace_member(good_archive, tmp_path / "bad.tar.gz", TRAIN_BATCHES[1], malicious_batch(marker))
+    with pytest.raises(PipelineError) as refused:
+        read_archive(bad)
+    assert str(refused.value) == (f"{bad}: data_batch_2 refers to {os.system.__module__}.system, "
+                                  "which a CIFAR-10 archive never needs; refusing to load it")
+    assert not marker.exists()
+
+
+def test_a_pickle_naming_an_unknown_module_is_refused(tmp_path, good_archive):
+    payload = b"\x80\x02cno_such_module\nthing\n)R."
+    bad = replace_member(good_archive, tmp_path / "bad.tar.gz", TEST_BATCH, payload)
+    with pytest.raises(PipelineError, match=f"^{bad}: test_batch refers to no_such_module.thing, which"):
+        read_archive(bad)
+
+
+def test_codecs_encode_makes_nothing_but_latin1_bytes(tmp_path, good_archive):
+    payload = b"\x80\x02c_codecs\nencode\nX\x03\x00\x00\x00abcX\x05\x00\x00\x00rot13\x86R."
+    assert pickle.loads(payload) == "nop"  # what plain pickle would make of it
+    bad = replace_member(good_archive, tmp_path / "bad.tar.gz", META, payload)
+    with pytest.raises(PipelineError, match=f"^{bad} is truncated or corrupt \\(UnpicklingError\\)"):
+        read_archive(bad)
+
+
+def test_malicious_archive_is_refused_by_the_pipeline(tmp_path, good_archive):
+    marker = tmp_path / "PWNED"
+    bad = replace_member(good_archive, tmp_path / "cifar-10-python.tar.gz", TRAIN_BATCHES[0],
+                         malicious_batch(marker))
+    project = make_project(tmp_path / "p", bad, git=True)
+    result = run(["dvc", "repro", "split"], project, check=False)
+    assert result.returncode != 0
+    lines = result.stderr.splitlines()
+    stage_end = lines.index("ERROR: failed to reproduce 'split': failed to run: python -m stages.split, exited with 1")
+    expected = (f"error: data/cifar-10-python.tar.gz: data_batch_1 refers to {os.system.__module__}.system, "
+                "which a CIFAR-10 archive never needs; refusing to load it")
+    assert lines[stage_end - 1] == expected, result.stderr  # the stage's last line of stderr
+    assert [line for line in lines if line.startswith("error:")] == [expected]
+    assert "Traceback" not in result.stderr
+    assert not marker.exists() and not (project / "PWNED").exists()
+    assert not (project / "data/split").exists()
+
+
+# --- archives with values a cast would hide ------------------------------------------------------------------
+
+
+def cifar_with(train_images: np.ndarray | None = None, train_labels: np.ndarray | None = None) -> Cifar10:
+    cifar = random_cifar()
+    return Cifar10(cifar.train_images if train_images is None else train_images,
+                   cifar.train_labels if train_labels is None else train_labels,
+                   cifar.test_images, cifar.test_labels, cifar.class_names)
+
+
+def test_a_label_outside_the_classes_is_refused(tmp_path):
+    labels = random_cifar().train_labels.copy()
+    labels[15] = 10  # 30 images in 5 batches of 6: the fourth image of data_batch_3
+    path = write_archive(tmp_path / "a.tar.gz", cifar_with(train_labels=labels))
+    with pytest.raises(PipelineError) as refused:
+        read_archive(path)
+    assert str(refused.value) == f"{path}: data_batch_3 has label 10 (image 3), outside 0..9"
+
+
+def test_a_negative_label_is_refused(tmp_path):
+    labels = random_cifar().train_labels.copy()
+    labels[0] = -1
+    path = write_archive(tmp_path / "a.tar.gz", cifar_with(train_labels=labels))
+    with pytest.raises(PipelineError, match=f"^{path}: data_batch_1 has label -1 \\(image 0\\), outside 0..9$"):
+        read_archive(path)
+
+
+@pytest.mark.parametrize("value", [256, -1])
+def test_a_pixel_value_outside_a_byte_is_refused_not_wrapped(tmp_path, value):
+    images = random_cifar().train_images.astype(np.int16)
+    images[27, 5, 6, 1] = value  # the fourth image of data_batch_5
+    path = write_archive(tmp_path / "a.tar.gz", cifar_with(train_images=images))
+    with pytest.raises(PipelineError) as refused:
+        read_archive(path)
+    assert str(refused.value) == f"{path}: data_batch_5 has pixel value {value} (image 3), outside 0..255"
+
+
+def test_pixel_values_that_are_not_integers_are_refused(tmp_path):
+    images = random_cifar().train_images.astype(np.float32) + 0.5
+    path = write_archive(tmp_path / "a.tar.gz", cifar_with(train_images=images))
+    with pytest.raises(PipelineError, match=f"^{path}: data_batch_1 has pixels of type float32, not integers"):
+        read_archive(path)
+
+
+def test_wide_integer_pixels_within_a_byte_are_read(tmp_path):
+    cifar = random_cifar()
+    path = write_archive(tmp_path / "a.tar.gz", cifar_with(train_images=cifar.train_images.astype(np.int64)))
+    assert np.array_equal(read_archive(path).train_images, cifar.train_images)
+
+
+# --- archives that are no CIFAR-10 ---------------------------------------------------------------------------
+
+
+def test_a_batch_stored_as_a_directory_is_refused(tmp_path, good_archive):
+    bad = replace_member(good_archive, tmp_path / "bad.tar.gz", TRAIN_BATCHES[3], None)
+    with pytest.raises(PipelineError) as refused:
+        read_archive(bad)
+    assert str(refused.value) == f"{bad} is not a CIFAR-10 python archive: data_batch_4 is a directory, not a file"
+
+
+def test_a_batch_without_labels_is_refused(tmp_path, good_archive):
+    payload = pickle.dumps({b"data": np.zeros((2, 3072), np.uint8)})
+    bad = replace_member(good_archive, tmp_path / "bad.tar.gz", TEST_BATCH, payload)
+    with pytest.raises(PipelineError, match=f"^{bad}: test_batch is not a CIFAR-10 batch: it has no b'labels'"):
+        read_archive(bad)
+
+
+def test_a_batch_of_the_wrong_image_size_is_refused(tmp_path, good_archive):
+    payload = pickle.dumps({b"data": np.zeros((2, 1024), np.uint8), b"labels": [0, 1]})
+    bad = replace_member(good_archive, tmp_path / "bad.tar.gz", TEST_BATCH, payload)
+    with pytest.raises(PipelineError, match=f"^{bad}: test_batch has pixel data of shape \\(2, 1024\\), not N x 3072"):
+        read_archive(bad)
+
+
+def test_a_batch_with_fewer_labels_than_images_is_refused(tmp_path, good_archive):
+    payload = pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0]})
+    bad = replace_member(good_archive, tmp_path / "bad.tar.gz", TRAIN_BATCHES[0], payload)
+    with pytest.raises(PipelineError, match=f"^{bad}: data_batch_1 has 2 images but labels of shape \\(1,\\)$"):
+        read_archive(bad)
+
+
+def test_ragged_labels_are_refused(tmp_path, good_archive):
+    payload = pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [[0, 1], [2]]})
+    bad = replace_member(good_archive, tmp_path / "bad.tar.gz", TEST_BATCH, payload)
+    with pytest.raises(PipelineError, match=f"^{bad}: test_batch has label data that is not a regular array$"):
+        read_archive(bad)
+
+
+def test_meta_without_class_names_is_refused(tmp_path, good_archive):
+    bad = replace_member(good_archive, tmp_path / "bad.tar.gz", META, pickle.dumps({b"num_vis": 3072}))
+    with pytest.raises(PipelineError, match=f"^{bad}: batches.meta has no list of class names"):
+        read_archive(bad)
+
+
+def test_a_truncated_archive_keeps_its_message(tmp_path, good_archive):
+    truncated = tmp_path / "truncated.tar.gz"
+    truncated.write_bytes(good_archive.read_bytes()[:-200])
+    with pytest.raises(PipelineError, match=f"^{truncated} is truncated or corrupt \\(.*\\); delete it and download"):
+        read_archive(truncated)
+
+
+def test_a_corrupt_pickle_keeps_its_message(tmp_path, good_archive):
+    bad = replace_member(good_archive, tmp_path / "bad.tar.gz", TEST_BATCH, pickle.dumps({})[:-3])
+    with pytest.raises(PipelineError, match=f"^{bad} is truncated or corrupt"):
+        read_archive(bad)
