@@ -3,12 +3,14 @@
 data.url may be an http(s) URL, a file:// URL or a local path (relative paths
 are resolved against the project root). HTTP downloads retry with backoff and
 resume with a Range request; the archive lands under data/ only once its md5
-and layout check out.
+and layout check out. A data.url that is the archive itself (a copy placed in
+data/ by hand) is verified where it is and left alone.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 import tarfile
 import time
 import urllib.error
@@ -29,16 +31,57 @@ RETRIES = 5
 FIRST_BACKOFF_SECONDS = 0.5  # doubles each try: 7.5 s of waiting in all
 CHUNK = 1 << 20
 OFFLINE_HINT = "point data.url at a local copy and data.md5 at its checksum (see README)"
+SUPPORTED = "an http(s) URL, a file:// URL or a local path"
+# http.client refuses these with a traceback in the middle of the download; refused up front, data.url is named.
+UNSENDABLE = re.compile(r"[\x00-\x20\x7f-\U0010ffff]")
 
 
-def fetch(url: str, destination: Path) -> None:
-    """Copy `url` to `destination`: HTTP(S) with retries and resume, or a local file."""
-    if urlparse(url).scheme in ("http", "https"):
-        _download(url, destination)
-        return
-    source = resolve_local(unquote(urlparse(url).path) if url.startswith("file://") else url)
-    if not source.is_file():
+def locate(url: str) -> str | Path:
+    """What data.url names: an http(s) URL to download, or a local file to copy."""
+    if not url.strip():
+        raise PipelineError(f"data.url is empty; give {SUPPORTED}")
+    try:
+        parts = urlparse(url)
+        parts.port  # noqa: B018  (parsing the port is what raises on a malformed one)
+    except ValueError as error:
+        raise PipelineError(f"data.url: {url} is not a valid URL ({error})") from None
+    if parts.scheme in ("http", "https"):
+        return _web_url(url, parts.hostname)
+    if parts.scheme == "file":
+        if parts.netloc not in ("", "localhost"):
+            raise PipelineError(f"data.url: {url} names the host {parts.netloc}; a file:// URL takes an absolute "
+                                "path (file:///path/to/archive), or give the path itself")
+        return _local_file(resolve_local(unquote(parts.path)))
+    if "://" in url:
+        raise PipelineError(f"data.url: {url} uses the unsupported scheme {parts.scheme or '(none)'}; "
+                            f"give {SUPPORTED}")
+    return _local_file(resolve_local(url))  # a colon alone ("runs:2024/...") still makes a path
+
+
+def _web_url(url: str, host: str | None) -> str:
+    if not host:
+        raise PipelineError(f"data.url: {url} has no host")
+    if UNSENDABLE.search(url):
+        raise PipelineError(f"data.url: {url!r} contains a space, control or non-ASCII character; "
+                            "percent-encode it (a space is %20)")
+    return url
+
+
+def _local_file(source: Path) -> Path:
+    if not source.exists():
         raise PipelineError(f"data.url: {source} does not exist; {OFFLINE_HINT}")
+    if source.is_dir():
+        raise PipelineError(f"data.url: {source} is a directory, not a file; give the archive's path in it")
+    if not source.is_file():
+        raise PipelineError(f"data.url: {source} is not a regular file")
+    return source
+
+
+def fetch(source: str | Path, destination: Path) -> None:
+    """Copy `source` (from locate) to `destination`: HTTP(S) with retries and resume, or a local file."""
+    if isinstance(source, str):
+        _download(source, destination)
+        return
     with open(source, "rb") as reader, open(destination, "wb") as writer, _progress(
         source.stat().st_size, source.name
     ) as bar:
@@ -123,10 +166,20 @@ def verify(path: Path, expected_md5: str, source: str) -> None:
         raise PipelineError(f"{source} is not a CIFAR-10 python archive: {missing[0]} is missing")
 
 
+def is_the_archive(source: str | Path) -> bool:
+    """Whether data.url names this stage's own output (dvc.yaml keeps it, as a persist output)."""
+    return isinstance(source, Path) and ARCHIVE.exists() and source.samefile(ARCHIVE)
+
+
 def main() -> None:
     params = load_params()
+    source = locate(params.data.url)
+    if is_the_archive(source):
+        verify(ARCHIVE, params.data.md5, params.data.url)  # a mismatch leaves the user's file where it is
+        print(f"download: {ARCHIVE} is data.url itself; verified in place (md5 {params.data.md5})")
+        return
     with atomic_output(ARCHIVE) as partial:
-        fetch(params.data.url, partial)
+        fetch(source, partial)
         verify(partial, params.data.md5, params.data.url)
     print(f"download: {ARCHIVE} verified (md5 {params.data.md5})")
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from helpers import last_line, make_project, md5_of, run_stage, set_params
+from helpers import environment, last_line, make_project, md5_of, run, run_stage, set_params, write_learnable_archive
 from http_server import serve
 
 ARCHIVE = Path("data/cifar-10-python.tar.gz")
@@ -100,3 +104,139 @@ def test_missing_local_file(project):
     result = run_stage("download", project)
     assert result.returncode == 1
     assert "nowhere/cifar.tar.gz does not exist" in last_line(result)
+
+
+# Bad values of data.url: each is one line naming data.url, at once (no retries), and leaves nothing under data/.
+SUPPORTED = "give an http(s) URL, a file:// URL or a local path"
+BAD_URLS = {
+    "ftp://example.com/cifar.tar.gz": f"uses the unsupported scheme ftp; {SUPPORTED}",
+    "://cifar.tar.gz": f"uses the unsupported scheme (none); {SUPPORTED}",
+    "http://": "has no host",
+    "https:///cifar.tar.gz": "has no host",
+    "http://127.0.0.1:notaport/cifar.tar.gz": "is not a valid URL (Port could not be cast to integer value as "
+                                              "'notaport')",
+    "http://127.0.0.1:99999/cifar.tar.gz": "is not a valid URL (Port out of range 0-65535)",
+    "http://[::1/cifar.tar.gz": "is not a valid URL (Invalid IPv6 URL)",
+    "file://archives/cifar.tar.gz": "names the host archives; a file:// URL takes an absolute path "
+                                    "(file:///path/to/archive), or give the path itself",
+}
+
+
+@pytest.mark.parametrize("url", list(BAD_URLS))
+def test_malformed_or_unsupported_url(project, url):
+    set_params(project / "params.yaml", {"data.url": url})
+    result = run_stage("download", project)
+    assert result.returncode == 1
+    assert last_line(result) == f"error: data.url: {url} {BAD_URLS[url]}"
+    assert "retrying" not in result.stdout
+    assert leftovers(project) == []
+
+
+def test_url_with_a_space_is_refused_before_any_request(project, tiny_archive):
+    with serve({"my cifar.tar.gz": tiny_archive}) as server:
+        url = f"{server.url}/my cifar.tar.gz"
+        set_params(project / "params.yaml", {"data.url": url})
+        result = run_stage("download", project)
+    assert result.returncode == 1
+    assert last_line(result) == (f"error: data.url: {url!r} contains a space, control or non-ASCII character; "
+                                 "percent-encode it (a space is %20)")
+    assert server.requests == [] and leftovers(project) == []
+
+
+def test_empty_url(project):
+    set_params(project / "params.yaml", {"data.url": ""})
+    result = run_stage("download", project)
+    assert result.returncode == 1
+    assert last_line(result) == f"error: data.url is empty; {SUPPORTED}"
+    assert leftovers(project) == []
+
+
+def test_directory_is_not_a_file(project, tiny_archive):
+    (project / "downloads").mkdir()
+    (project / "downloads" / ARCHIVE.name).write_bytes(tiny_archive.read_bytes())
+    set_params(project / "params.yaml", {"data.url": "downloads"})
+    result = run_stage("download", project)
+    assert result.returncode == 1
+    assert last_line(result) == (f"error: data.url: {project / 'downloads'} is a directory, not a file; "
+                                 "give the archive's path in it")
+    assert leftovers(project) == []
+
+
+def test_fifo_is_not_a_regular_file(project, tmp_path):
+    fifo = tmp_path / "cifar.tar.gz"
+    os.mkfifo(fifo)
+    set_params(project / "params.yaml", {"data.url": str(fifo)})
+    # Reading a FIFO nobody writes to blocks for ever: the timeout turns that into a failure.
+    result = subprocess.run([sys.executable, "-m", "stages.download"], cwd=project, capture_output=True, text=True,
+                            env=environment(), timeout=60)
+    assert result.returncode == 1
+    assert last_line(result) == f"error: data.url: {fifo} is not a regular file"
+    assert leftovers(project) == []
+
+
+def test_md5_in_capitals(project, tiny_archive):
+    set_params(project / "params.yaml", {"data.md5": md5_of(tiny_archive).upper()})
+    result = run_stage("download", project, check=True)
+    assert f"verified (md5 {md5_of(tiny_archive)})" in result.stdout
+    assert md5_of(project / ARCHIVE) == md5_of(tiny_archive)
+
+
+# data.url naming the stage's own output. DVC deletes a stage's outputs before running it unless they are
+# `persist`; these run the real `dvc repro`, which is what used to delete the user's copy.
+@pytest.fixture
+def dvc_project(tmp_path, tiny_archive) -> Path:
+    return make_project(tmp_path / "dvc_project", tiny_archive)
+
+
+@pytest.fixture(scope="module")
+def other_archive(tmp_path_factory) -> Path:
+    """A valid CIFAR-10 archive with another md5 than tiny_archive."""
+    return write_learnable_archive(tmp_path_factory.mktemp("other") / "cifar-10-python.tar.gz", test_per_class=5)
+
+
+def stage_errors(result: subprocess.CompletedProcess) -> list[str]:
+    """The stage's own error lines in `dvc repro`'s stderr (DVC adds its own ERROR line after them)."""
+    return [line for line in result.stderr.splitlines() if line.startswith("error:")]
+
+
+def test_archive_placed_by_hand_is_kept_and_the_pipeline_goes_on(dvc_project, tiny_archive):
+    (dvc_project / "data").mkdir()
+    shutil.copy(tiny_archive, dvc_project / ARCHIVE)
+    set_params(dvc_project / "params.yaml", {"data.url": str(ARCHIVE)})
+    result = run(["dvc", "repro", "split"], dvc_project)
+    assert f"download: {ARCHIVE} is data.url itself; verified in place" in result.stdout
+    assert "Running stage 'split'" in result.stdout
+    assert md5_of(dvc_project / ARCHIVE) == md5_of(tiny_archive)
+    assert leftovers(dvc_project) == [ARCHIVE.name, "split"]
+    again = run(["dvc", "repro", "split"], dvc_project)
+    assert "Running stage" not in again.stdout  # persist does not make the stage rerun for ever
+
+
+def test_archive_placed_by_hand_with_another_md5_is_refused_and_kept(dvc_project, tiny_archive):
+    (dvc_project / "data").mkdir()
+    shutil.copy(tiny_archive, dvc_project / ARCHIVE)
+    set_params(dvc_project / "params.yaml", {"data.url": f"file://{dvc_project / ARCHIVE}", "data.md5": "0" * 32})
+    result = run(["dvc", "repro", "download"], dvc_project, check=False)
+    assert result.returncode != 0
+    assert stage_errors(result) == [
+        f"error: file://{dvc_project / ARCHIVE}: md5 {md5_of(tiny_archive)} does not match data.md5 {'0' * 32}; "
+        "the file is a different file. Fetch it again, or set data.md5 if you meant to use this file"]
+    assert md5_of(dvc_project / ARCHIVE) == md5_of(tiny_archive)
+    assert leftovers(dvc_project) == [ARCHIVE.name]
+
+
+def test_stale_archive_is_replaced_whole_or_not_at_all(dvc_project, tiny_archive, other_archive):
+    run(["dvc", "repro", "download"], dvc_project)  # data.url: tiny_archive
+    other = other_archive.read_bytes()
+    with serve({"other.tar.gz": other[: len(other) // 2]}) as server:
+        set_params(dvc_project / "params.yaml", {"data.url": f"{server.url}/other.tar.gz",
+                                                 "data.md5": md5_of(other_archive)})
+        failed = run(["dvc", "repro", "download"], dvc_project, check=False)
+    assert failed.returncode != 0 and "truncated or corrupt" in stage_errors(failed)[0]
+    assert md5_of(dvc_project / ARCHIVE) == md5_of(tiny_archive)  # the previous archive, whole
+    assert leftovers(dvc_project) == [ARCHIVE.name]
+    with serve({"other.tar.gz": other}) as server:
+        set_params(dvc_project / "params.yaml", {"data.url": f"{server.url}/other.tar.gz"})
+        run(["dvc", "repro", "download"], dvc_project)
+    assert md5_of(dvc_project / ARCHIVE) == md5_of(other_archive)
+    assert leftovers(dvc_project) == [ARCHIVE.name]
