@@ -22,7 +22,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
+from pydantic import ValidationError
 
+from transfer.config import Strategy, describe, describe_strategy
 from transfer.errors import PipelineError, run_stage
 from transfer.outputs import atomic_output, write_text
 from transfer.paths import METRICS
@@ -76,6 +78,12 @@ def experiments(shown: list[dict]) -> Iterator[dict]:
             yield from experiment.get("revs", [])
 
 
+def strategy_name(params: dict, number: int) -> str:
+    """Strategy `number` in words, as the experiment's own params.yaml defines it (profiles redefine some)."""
+    entry = params["strategies"][str(number)]  # JSON keys are strings
+    return describe_strategy(number, Strategy.model_validate(entry), params["model"]["backbone"])
+
+
 def collect(shown: list[dict]) -> pd.DataFrame:
     """One row per (strategy, labels per class, seed): finetune's strategy, and the from-scratch
     baseline that every experiment trains beside it on the same labelled subset."""
@@ -90,8 +98,16 @@ def collect(shown: list[dict]) -> pd.DataFrame:
             result = metrics.get(file, {}).get("data")
             if not result or "test" not in result:
                 continue
+            try:
+                name = strategy_name(params, strategy)
+            except ValueError as error:  # e.g. a layer count beyond the base, run before counts were checked
+                reason = describe(error) if isinstance(error, ValidationError) else str(error)
+                print(f"label_efficiency: left out {experiment.get('name') or experiment.get('rev')}, "
+                      f"its strategies.{strategy} is invalid ({reason})")
+                continue
             rows.append({
                 "strategy": strategy,
+                "strategy_name": name,
                 "labels_per_class": params["data"]["target_labels_per_class"] or "all",
                 "seed": params["finetune"]["seed"],
                 "images_per_class": result["train_images"] // len(params["data"]["target_classes"]),
@@ -102,8 +118,10 @@ def collect(shown: list[dict]) -> pd.DataFrame:
     if not rows:
         raise PipelineError("no finished experiments with metrics/finetune.json in `dvc exp show`; run the sweep first")
     table = pd.DataFrame(rows).sort_values("timestamp")
-    # A point run twice (or a baseline seen by several experiments) keeps its latest result.
-    table = table.drop_duplicates(["strategy", "labels_per_class", "seed"], keep="last").drop(columns="timestamp")
+    # A point run twice (or a baseline seen by several experiments) keeps its latest result;
+    # one number defined two ways (say, by another profile) stays two strategies.
+    table = table.drop_duplicates(["strategy", "strategy_name", "labels_per_class", "seed"], keep="last")
+    table = table.drop(columns="timestamp")
     return table.sort_values(["strategy", "images_per_class", "seed"]).reset_index(drop=True)
 
 
@@ -113,13 +131,12 @@ def plot(table: pd.DataFrame, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = {0: "0: from scratch", 1: "1: frozen base, new head", 2: "2: + last 10 base layers", 3: "3: top 2 blocks"}
     figure, axes = plt.subplots(figsize=(7, 4.5))
-    for strategy, group in table.groupby("strategy"):
+    for (_, name), group in table.groupby(["strategy", "strategy_name"]):
         summary = group.groupby("images_per_class")["test_accuracy"].agg(["mean", "std", "count"]).fillna(0)
         x = summary.index.to_numpy()
         axes.plot(x, 100 * summary["mean"], marker="o",
-                  label=f"{names.get(strategy, strategy)} ({int(summary['count'].max())} seeds)")
+                  label=f"{name} ({int(summary['count'].max())} seeds)")
         axes.fill_between(x, 100 * (summary["mean"] - summary["std"]), 100 * (summary["mean"] + summary["std"]),
                           alpha=0.2)
     axes.set_xscale("log")
@@ -155,7 +172,7 @@ def main() -> None:
                   & table["labels_per_class"].isin(labels)].reset_index(drop=True)
     write_text(TABLE, table.to_csv(index=False))
     plot(table, PLOT)
-    summary = table.groupby(["strategy", "images_per_class"])["test_accuracy"].agg(["mean", "std", "count"])
+    summary = table.groupby(["strategy_name", "images_per_class"])["test_accuracy"].agg(["mean", "std", "count"])
     print(summary.round(4).to_string())
     print(f"label_efficiency: {len(table)} runs -> {TABLE}, {PLOT}")
 

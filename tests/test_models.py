@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from helpers import make_project, run_stage
 
-from stages.finetune import build_model, checkpoint_key, labelled_subset, train_and_evaluate
-from transfer.config import Strategy, load_params
+from stages.finetune import build_model, labelled_subset, train_and_evaluate
+from transfer.config import BASE_LAYERS, INCEPTION_MIN_SIZE, Strategy, load_params
+from transfer.errors import PipelineError
 from transfer.models import base_of, build_base, classifier, count_params, freeze, frozen_prefix
 from transfer.records import open_split
 from transfer.training import set_up
@@ -41,6 +42,30 @@ def test_all_and_none(inception):
     assert count_params(inception.trainable_weights) == count_params(inception.weights) - _batchnorm_statistics(base)
     freeze(base, Strategy(trainable_base_layers=0))
     assert count_params(inception.trainable_weights) == EXPECTED_TRAINABLE[1]
+
+
+@pytest.mark.parametrize("backbone", sorted(BASE_LAYERS))
+def test_base_layer_table_matches_the_backbones(backbone):
+    size = INCEPTION_MIN_SIZE if backbone == "inception_v3" else 32
+    assert len(build_base(backbone, size, "none").layers) == BASE_LAYERS[backbone]
+
+
+@pytest.mark.parametrize(("strategy", "trainable"), [
+    (Strategy(trainable_base_layers=2), [False] * 5 + [True] * 2),  # the last conv block
+    (Strategy(frozen_base_layers=3), [False] * 3 + [True] * 4),  # the last two conv blocks
+    (Strategy(trainable_base_layers=7), [True] * 7),
+    (Strategy(frozen_base_layers=7), [False] * 7),  # only the head trains
+])
+def test_small_cnn_freezing(strategy, trainable):
+    base = build_base("small_cnn", 32, "none")
+    freeze(base, strategy)
+    assert [layer.trainable for layer in base.layers] == trainable
+
+
+@pytest.mark.parametrize("strategy", [Strategy(trainable_base_layers=10), Strategy(frozen_base_layers=249)])
+def test_freeze_refuses_more_layers_than_the_base_has(strategy):
+    with pytest.raises(PipelineError, match="is more than small_cnn's 7 base layers"):
+        freeze(build_base("small_cnn", 32, "none"), strategy)
 
 
 def _batchnorm_statistics(base) -> int:
@@ -79,7 +104,9 @@ def inception_project(tmp_path_factory, tiny_archive):
     """Target TFRecords at 75 px and a (randomly initialised) pretrained InceptionV3 classifier."""
     project = make_project(tmp_path_factory.mktemp("cache") / "p", tiny_archive,
                            {"model.backbone": "inception_v3", "preprocess.image_size": 75,
-                            "finetune.epochs": 1, "finetune.batch_size": 16}, git=False)
+                            "finetune.epochs": 1, "finetune.batch_size": 16,
+                            "strategies.2.trainable_base_layers": 10},  # cut inside the base, as params.yaml
+                           git=False)
     for stage in ("download", "split", "preprocess"):
         run_stage(stage, project, check=True)
     model = classifier(build_base("inception_v3", 75, "none"), "inception_v3", 5, 16, 0.5, base_training=None)
@@ -104,8 +131,8 @@ def test_cached_features_train_the_same_model_as_the_plain_path(inception_projec
         pretrained = keras.models.load_model("models/pretrained.keras")
         model = build_model(params, pretrained, 5, 75)
         before = [w.numpy().copy() for w in model.trainable_weights]
-        model, _, evaluation, _, _ = train_and_evaluate(params, model, splits, None, runtime,
-                                                        inception_project / "checkpoints", checkpoint_key(params))
+        # No checkpoints: the plain run must not resume from anything.
+        model, _, evaluation, _, _ = train_and_evaluate(params, model, splits, None, runtime, None)
         trained[cache] = (before, [w.numpy() for w in model.trainable_weights], evaluation)
     (before_cached, after_cached, eval_cached), (before_plain, after_plain, eval_plain) = trained[True], trained[False]
     for start_a, start_b in zip(before_cached, before_plain):
@@ -117,8 +144,6 @@ def test_cached_features_train_the_same_model_as_the_plain_path(inception_projec
 
 
 def test_weights_file_that_does_not_exist(tmp_path):
-    from transfer.errors import PipelineError
-
     with pytest.raises(PipelineError, match=f"model.weights: {tmp_path}/missing.weights.h5 is not a file"):
         build_base("small_cnn", 32, str(tmp_path / "missing.weights.h5"))
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import shlex
 import shutil
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, last_line, make_project, run_stage, set_params
+from dvc.utils.hydra import apply_overrides
+from helpers import ROOT, TINY_PARAMS, last_line, make_project, md5_of, run_stage, set_params
 
-from transfer.config import load_params
+from transfer.config import Strategy, describe_strategy, load_params
 from transfer.errors import PipelineError
 
 BAD_PARAMS = [
@@ -29,16 +31,27 @@ BAD_PARAMS = [
     ({"strategies.2.trainable_base_layer": 3}, "strategies.2.trainable_base_layer: unknown key (allowed: trainable"),
     ({"strategies.2.frozen_base_layers": 3}, "give exactly one of trainable_base_layers, frozen_base_layers"),
     ({"data.md5": "abc"}, "data.md5: got 'abc': String should match pattern"),
+    ({"strategies.3.frozen_base_layers": 249},
+     "strategies.3.frozen_base_layers: 249 is more than small_cnn's 7 base layers; use at most 7 "
+     "(7 freezes the whole base: only the head trains)"),
+    ({"model.backbone": "inception_v3", "preprocess.image_size": 75, "strategies.2.trainable_base_layers": 5000},
+     "strategies.2.trainable_base_layers: 5000 is more than inception_v3's 311 base layers"),
     ({"train.mixed_precision": "yes"}, "train.mixed_precision: got 'yes'; input should be 'auto', True or False"),
 ]
 
 
+def params_copy(folder: Path, *overrides: dict) -> Path:
+    """params.yaml copied into `folder`, with `overrides` applied one after the other."""
+    params = folder / "params.yaml"
+    shutil.copy(ROOT / "params.yaml", params)
+    for each in overrides:
+        set_params(params, each)
+    return params
+
+
 @pytest.mark.parametrize(("overrides", "message"), BAD_PARAMS, ids=[next(iter(o)) for o, _ in BAD_PARAMS])
 def test_bad_params_are_named(tmp_path, overrides, message):
-    params = tmp_path / "params.yaml"
-    shutil.copy(ROOT / "params.yaml", params)
-    set_params(params, {"model.backbone": "small_cnn", "model.weights": "none", "preprocess.image_size": 32})
-    set_params(params, overrides)
+    params = params_copy(tmp_path, TINY_PARAMS, overrides)
     with pytest.raises(PipelineError) as error:
         load_params(params)
     assert message in str(error.value)
@@ -51,11 +64,73 @@ def test_shipped_params_are_valid():
     assert params.finetune_settings().learning_rate == 0.001
 
 
+def test_layer_count_errors_name_the_key_on_one_line(tmp_path):
+    params = params_copy(tmp_path, TINY_PARAMS, {"strategies.2.trainable_base_layers": 10})
+    with pytest.raises(PipelineError) as error:
+        load_params(params)
+    assert str(error.value) == (f"{params}: strategies.2.trainable_base_layers: 10 is more than small_cnn's "
+                                '7 base layers; use "all" or at most 7')
+
+
+def test_params_yaml_strategies_do_not_fit_small_cnn_alone(tmp_path):
+    """Switching the backbone without the profile's strategies is refused, not silently retrained."""
+    params = params_copy(tmp_path, {"model.backbone": "small_cnn", "model.weights": "none",
+                                    "preprocess.image_size": 32})
+    with pytest.raises(PipelineError, match="strategies.2.trainable_base_layers: 10 is more than small_cnn's 7"):
+        load_params(params)
+
+
+@pytest.mark.parametrize("count", [0, 7])
+def test_every_count_up_to_the_base_is_allowed(tmp_path, count):
+    params = params_copy(tmp_path, TINY_PARAMS, {"strategies.2.trainable_base_layers": count,
+                                                 "strategies.3.frozen_base_layers": count})
+    strategies = load_params(params).strategies
+    assert strategies[2].first_trainable_layer("small_cnn", 7) == 7 - count
+    assert strategies[3].first_trainable_layer("small_cnn", 7) == count
+
+
+@pytest.mark.parametrize("profile", ["cpu", "ci"])
+def test_profiles_define_strategies_for_small_cnn(tmp_path, profile):
+    """Applied as `dvc exp run -S` applies them; the test projects (TINY_PARAMS) use the same strategies."""
+    arguments = shlex.split((ROOT / f"profiles/{profile}.args").read_text())
+    profiled = params_copy(tmp_path)
+    apply_overrides(profiled, arguments[1::2])
+    params = load_params(profiled)
+    names = [describe_strategy(number, strategy, "small_cnn") for number, strategy in params.strategies.items()]
+    assert params.model.backbone == "small_cnn"
+    assert names == ["0: from scratch", "1: head only", "2: head + last 2 of small_cnn's 7 base layers",
+                     "3: head + small_cnn's base layers 3 on (of 7), learning_rate 0.0001"]
+    (tmp_path / "tiny").mkdir()
+    assert params.strategies == load_params(params_copy(tmp_path / "tiny", TINY_PARAMS)).strategies
+
+
+DESCRIPTIONS = [
+    (0, Strategy(base_weights="random", trainable_base_layers="all"), "small_cnn", "0: from scratch"),
+    (1, Strategy(trainable_base_layers=0), "inception_v3", "1: head only"),
+    (1, Strategy(frozen_base_layers=7), "small_cnn", "1: head only"),
+    (2, Strategy(trainable_base_layers=10), "inception_v3", "2: head + last 10 of inception_v3's 311 base layers"),
+    (3, Strategy(frozen_base_layers=249, learning_rate=1e-4), "inception_v3",
+     "3: head + inception_v3's base layers 249 on (of 311), learning_rate 0.0001"),
+    (4, Strategy(trainable_base_layers=7, epochs=3), "small_cnn", "4: head + the whole base, epochs 3"),
+    (5, Strategy(frozen_base_layers=0), "small_cnn", "5: head + the whole base"),
+    (6, Strategy(base_weights="random", trainable_base_layers=0), "small_cnn", "6: random base, head only"),
+]
+
+
+@pytest.mark.parametrize(("number", "strategy", "backbone", "expected"), DESCRIPTIONS, ids=[d[3] for d in DESCRIPTIONS])
+def test_strategy_descriptions(number, strategy, backbone, expected):
+    assert describe_strategy(number, strategy, backbone) == expected
+
+
+def test_md5_in_capitals_is_accepted_and_lowercased(tmp_path, tiny_archive):
+    md5 = md5_of(tiny_archive)
+    project = make_project(tmp_path / "p", tiny_archive, {"data.md5": md5.upper()}, git=False)
+    assert load_params(project / "params.yaml").data.md5 == md5
+    run_stage("download", project, check=True)  # compares it with the archive's (lowercase) hexdigest
+
+
 def test_strategy_overrides_finetune_settings(tmp_path):
-    params_file = tmp_path / "params.yaml"
-    shutil.copy(ROOT / "params.yaml", params_file)
-    set_params(params_file, {"strategy": 3})
-    settings = load_params(params_file).finetune_settings()
+    settings = load_params(params_copy(tmp_path, {"strategy": 3})).finetune_settings()
     assert settings.learning_rate == 0.0001 and settings.epochs == 10
 
 

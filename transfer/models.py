@@ -91,12 +91,10 @@ def classifier(
 def freeze(base: keras.Model, strategy: Strategy) -> None:
     """Make the base's layers trainable or not as the strategy says (the head always trains)."""
     layers = base.layers
-    if strategy.frozen_base_layers is not None:
-        first_trainable = strategy.frozen_base_layers
-    elif strategy.trainable_base_layers == "all":
-        first_trainable = 0
-    else:
-        first_trainable = len(layers) - strategy.trainable_base_layers
+    try:
+        first_trainable = strategy.first_trainable_layer(base.name, len(layers))
+    except ValueError as error:  # params validation catches this first; a Strategy made in code may not
+        raise PipelineError(str(error)) from None
     base.trainable = True
     for index, layer in enumerate(layers):
         layer.trainable = index >= first_trainable
@@ -141,12 +139,15 @@ def frozen_prefix(model: keras.Model) -> tuple[keras.Model, keras.Model] | None:
 
 
 def _tensors_entering(suffix_layers: list) -> list:
-    inside = {id(layer) for layer in suffix_layers}
+    # Public Layer.input/.output (Keras 3.15) are the tensors of a layer's first call, which for a base
+    # layer is the call that built the backbone, not the classifier's call of the whole base.
+    # On a Keras upgrade check that this still holds (each base layer keeps exactly one inbound node) and
+    # that tests/test_models.py::test_prefix_and_suffix_compute_the_whole_model passes.
+    made_inside = {id(tensor) for layer in suffix_layers for tensor in keras.tree.flatten(layer.output)}
     cut: list = []
     for layer in suffix_layers:
-        for tensor in layer._inbound_nodes[0].input_tensors:
-            producer = tensor._keras_history.operation
-            if id(producer) not in inside and all(tensor is not seen for seen in cut):
+        for tensor in keras.tree.flatten(layer.input):
+            if id(tensor) not in made_inside and all(tensor is not seen for seen in cut):
                 cut.append(tensor)
     return cut
 
