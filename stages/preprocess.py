@@ -87,8 +87,11 @@ def write_all(jobs: list[ShardJob], workers: int) -> None:
                 bar.update(done.result())
     except BaseException:
         # A failed shard or Ctrl-C: stop the other workers before atomic_output deletes the folder
-        # they write into. shutdown() would wait for their shards; Python < 3.14 has no public kill.
-        processes = list((pool._processes or {}).values())
+        # they write into. shutdown() would wait for their shards and Python < 3.14 has no public way
+        # to kill an executor's workers, but they are this stage's only multiprocessing children.
+        # (multiprocessing.Pool.terminate() would do, but a Pool whose worker is killed, by the OOM
+        # killer say, waits for that worker's result for ever.)
+        processes = multiprocessing.active_children()
         for process in processes:
             process.kill()
         for process in processes:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -10,15 +11,18 @@ import tensorflow as tf
 from helpers import last_line, make_project, run_stage
 
 from transfer.errors import PipelineError
-from transfer.records import check_shards, dataset, labels_of, open_split, shard_count
+from transfer.records import MIN_IMAGES_PER_SHARD, check_shards, dataset, labels_of, open_split, shard_count
 
 
 @pytest.fixture(scope="module")
 def preprocessed(tmp_path_factory, tiny_archive):
-    """A project whose data went through download, split and preprocess at 40 px JPEG."""
+    """A project whose data went through download, split and preprocess at 40 px JPEG.
+
+    Its shard size, 100 bytes, is smaller than one image (about 300 bytes).
+    """
     project = make_project(tmp_path_factory.mktemp("records") / "p", tiny_archive,
                            {"preprocess.image_size": 40, "preprocess.encoding": "jpeg",
-                            "preprocess.shard_size_mb": 0.01}, git=False)
+                            "preprocess.shard_size_mb": 0.0001}, git=False)
     for stage in ("download", "split", "preprocess"):
         run_stage(stage, project, check=True)
     return project
@@ -71,11 +75,46 @@ def test_shard_count_targets_shard_size():
     assert shard_count(22_500, 299, "jpeg", 100) == 4
     assert shard_count(22_500, 32, "raw", 100) == 1
     assert shard_count(60_000, 299, "raw", 100) == 161
+    # 1 KB shards of 3 KB images: not 4,608 shards for 1,500 images, but shards of at least the minimum
+    assert shard_count(1_500, 32, "raw", 0.001) == 1_500 // MIN_IMAGES_PER_SHARD
+    assert shard_count(5, 32, "raw", 0.001) == 1
+
+
+def test_tiny_shard_size_writes_no_empty_shard(preprocessed):
+    records = preprocessed / "data/tfrecords"
+    meta = json.loads((records / "meta.json").read_text())
+    listed = set()
+    for task in ("source", "target"):
+        for name in ("train", "val", "test"):
+            split = open_split(records, task, name)
+            counts = [sum(1 for _ in tf.data.TFRecordDataset(str(path))) for path in split.files]
+            assert counts == [shard["count"] for shard in meta["splits"][f"{task}/{name}"]["shards"]]
+            assert sum(counts) == split.count
+            assert min(counts) >= min(split.count, MIN_IMAGES_PER_SHARD), (task, name, counts)
+            check_shards(split)
+            listed.update(split.files)
+    assert set(records.glob("*/*.tfrecord")) == listed  # no shard that meta.json does not list
+
+
+@pytest.mark.parametrize("damage", [
+    lambda meta: "[]",
+    lambda meta: json.dumps(meta)[:40],
+    lambda meta: json.dumps({**meta, "splits": list(meta["splits"])}),
+    lambda meta: json.dumps({**meta, "image_size": str(meta["image_size"])}),
+    lambda meta: json.dumps({**meta, "splits": {**meta["splits"], "source/train": {"count": 55, "shards": [7]}}}),
+    lambda meta: json.dumps({**meta, "splits": {}}),
+], ids=["a list", "truncated", "splits a list", "size a string", "shard a number", "no splits"])
+def test_malformed_meta_is_one_line_naming_it(tmp_path, preprocessed, damage):
+    project = tmp_path / "p"
+    shutil.copytree(preprocessed, project)
+    meta = project / "data/tfrecords/meta.json"
+    meta.write_text(damage(json.loads(meta.read_text())))
+    result = run_stage("pretrain", project)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert last_line(result).startswith("error: data/tfrecords/meta.json is damaged"), result.stderr
 
 
 def test_truncated_shard_is_named(tmp_path, preprocessed):
-    import shutil
-
     records = tmp_path / "tfrecords"
     shutil.copytree(preprocessed / "data/tfrecords", records)
     split = open_split(records, "target", "train")

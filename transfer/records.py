@@ -13,13 +13,19 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from transfer.config import describe
 from transfer.errors import PipelineError
 
 META_FILE = "meta.json"
 JPEG_BYTES_PER_PIXEL = 0.19  # measured: q95 JPEG of upscaled CIFAR-10 is ~17 KB at 299x299
+# A tiny shard_size_mb would otherwise ask for more shards than images (empty shards), and every
+# shard costs a file, a worker task and a read buffer whatever it holds.
+MIN_IMAGES_PER_SHARD = 16
 
 
 @dataclass(frozen=True)
@@ -35,9 +41,11 @@ class ShardJob:
 
 
 def shard_count(images: int, image_size: int, encoding: str, shard_size_mb: float) -> int:
+    """Shards of about shard_size_mb each, but none with fewer than MIN_IMAGES_PER_SHARD images."""
     pixels = image_size * image_size
     bytes_per_image = pixels * 3 if encoding == "raw" else pixels * JPEG_BYTES_PER_PIXEL
-    return max(1, math.ceil(images * bytes_per_image / (shard_size_mb * 1e6)))
+    by_size = math.ceil(images * bytes_per_image / (shard_size_mb * 1e6))
+    return max(1, min(by_size, images // MIN_IMAGES_PER_SHARD))
 
 
 def shard_name(split: str, shard: int, shards: int) -> str:
@@ -104,18 +112,47 @@ class Split:
     classes: tuple[str, ...]
 
 
+# pydantic names these classes in its messages ("a valid dictionary or instance of ShardMeta").
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, frozen=True)
+
+
+class ShardMeta(_Strict):
+    file: str
+    count: int = Field(ge=0)
+
+
+class SplitMeta(_Strict):
+    count: int = Field(ge=0)
+    shards: list[ShardMeta] = Field(min_length=1)
+
+
+class RecordsMeta(_Strict):
+    """What readers take from meta.json; other keys are ignored, so the preprocess stage may add some."""
+
+    image_size: int = Field(ge=1)
+    encoding: Literal["jpeg", "raw"]
+    classes: dict[str, list[str]]
+    splits: dict[str, SplitMeta]
+
+
 def open_split(root: Path, task: str, split: str) -> Split:
+    """The split as `root`/meta.json describes it; a missing or malformed meta.json is a PipelineError."""
     meta_path = root / META_FILE
+    damaged = f"{meta_path} is damaged; delete {root} and rerun `dvc repro`"
     try:
-        meta = json.loads(meta_path.read_text())
-        entry = meta["splits"][f"{task}/{split}"]
+        meta = RecordsMeta.model_validate(json.loads(meta_path.read_text()))
     except FileNotFoundError:
         raise PipelineError(f"{meta_path} not found: run the preprocess stage (dvc repro)") from None
-    except (KeyError, json.JSONDecodeError) as error:
-        raise PipelineError(f"{meta_path} is damaged or lacks {task}/{split} ({error})") from None
-    files = tuple(root / shard["file"] for shard in entry["shards"])
-    return Split(root, task, split, files, entry["count"], meta["image_size"], meta["encoding"],
-                 tuple(meta["classes"][task]))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise PipelineError(f"{damaged} (not JSON: {error})") from None
+    except ValidationError as error:
+        raise PipelineError(f"{damaged} ({describe(error)})") from None
+    entry = meta.splits.get(f"{task}/{split}")
+    if entry is None or task not in meta.classes:
+        raise PipelineError(f"{damaged} (it lacks {task}/{split})")
+    files = tuple(root / shard.file for shard in entry.shards)
+    return Split(root, task, split, files, entry.count, meta.image_size, meta.encoding, tuple(meta.classes[task]))
 
 
 def check_shards(split: Split) -> None:

@@ -1,0 +1,40 @@
+"""Every documented install resolves to exactly one TensorFlow: tensorflow and tensorflow-cpu own the same files."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+from helpers import ROOT
+
+TENSORFLOWS = {"tensorflow", "tensorflow-cpu", "tensorflow-intel", "tensorflow-macos"}
+DOCUMENTED_IN = ("README.md", ".ci/run")
+
+
+def documented_installs() -> list[str]:
+    """The extras of every `pip install -e ".[...]"` in the README and CI script, such as "dev,cpu"."""
+    found: set[str] = set()
+    for name in DOCUMENTED_IN:
+        found.update(re.findall(r'pip install (?:--\S+ )*-e "\.\[([\w,]+)\]"', (ROOT / name).read_text()))
+    return sorted(found)
+
+
+def test_the_docs_show_a_cpu_and_a_gpu_install():
+    extras = {extra for install in documented_installs() for extra in install.split(",")}
+    assert {"cpu", "gpu", "dev"} <= extras, documented_installs()
+
+
+@pytest.mark.parametrize("extras", documented_installs())
+def test_documented_install_has_one_tensorflow(tmp_path, extras):
+    report = tmp_path / "report.json"
+    # The GPU install resolves tensorflow[and-cuda] from PyPI: about 30 s; the CPU one about 10 s.
+    result = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
+                             "--report", str(report), "-e", f"{ROOT}[{extras}]"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    names = {re.sub(r"[-_.]+", "-", item["metadata"]["name"]).lower()
+             for item in json.loads(report.read_text())["install"]}
+    assert len(names & TENSORFLOWS) == 1, f".[{extras}] installs {sorted(names & TENSORFLOWS)}"
