@@ -27,14 +27,26 @@ def arguments(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+# params.yaml's strategies 2 and 3 count InceptionV3's layers; small_cnn runs take the CPU profile's.
+SMALL_CNN_STRATEGIES = {"strategies.2.trainable_base_layers": 2, "strategies.3.frozen_base_layers": 3}
+# What a stage reads from the project root: its params, and dvc.yaml with the code it names (a training
+# stage's checkpoint identity is everything dvc.yaml lists for it).
+PROJECT_FILES = ("params.yaml", "dvc.yaml", "stages", "transfer")
+
+
 def workspace(name: str, args: argparse.Namespace, overrides: dict[str, object]) -> Path:
-    """A fresh folder holding params.yaml with `overrides`, made the working directory."""
+    """A fresh copy of the project with `overrides` in its params.yaml, made the working directory."""
     folder = args.workdir / name
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    shutil.copy(ROOT / "params.yaml", folder / "params.yaml")
-    write_overrides(folder / "params.yaml",
-                    {"data.url": str(args.archive.resolve()), "data.md5": args.md5, **overrides})
+    for item in PROJECT_FILES:
+        if (ROOT / item).is_dir():
+            shutil.copytree(ROOT / item, folder / item, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(ROOT / item, folder / item)
+    small_cnn = overrides.get("model.backbone") == "small_cnn"
+    write_overrides(folder / "params.yaml", {"data.url": str(args.archive.resolve()), "data.md5": args.md5,
+                                             **(SMALL_CNN_STRATEGIES if small_cnn else {}), **overrides})
     os.chdir(folder)
     return folder
 

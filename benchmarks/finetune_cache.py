@@ -54,7 +54,7 @@ def main() -> None:
                             args.image_size)
         started = time.perf_counter()
         # No checkpoints: the comparison is of training, not of saving models.
-        _, _, evaluation, _, _ = train_and_evaluate(params, model, splits, None, runtime, checkpoints=None)
+        _, _, evaluation, _, _ = train_and_evaluate(params, model, splits, None, runtime, resumable=None)
         results["cached" if cache else "plain"] = (time.perf_counter() - started, evaluation["test"]["accuracy"])
     (plain_seconds, plain_accuracy), (cached_seconds, cached_accuracy) = results["plain"], results["cached"]
     report({"benchmark": "finetune_cache", "backbone": args.backbone, "image_size": args.image_size,

@@ -11,10 +11,11 @@ from __future__ import annotations
 import time
 
 from stages.finetune import fine_tune, target_splits
+from transfer import checkpoints
 from transfer.config import load_params
 from transfer.errors import PipelineError, run_stage
 from transfer.outputs import write_json
-from transfer.paths import BASELINE_METRICS, CHECKPOINTS, METRICS
+from transfer.paths import BASELINE_METRICS, METRICS
 from transfer.training import set_up, write_history
 
 BASELINE_STRATEGY = 0
@@ -28,12 +29,14 @@ def main() -> None:
         raise PipelineError(f"params.yaml: strategies.{BASELINE_STRATEGY} must be the from-scratch baseline "
                             "(base_weights: random)")
     runtime = set_up(params.train, params.finetune.seed)  # first: a multi-worker strategy must exist before TF starts
+    resumable = checkpoints.for_stage("baseline")
     outcome = fine_tune(params.model_copy(update={"strategy": BASELINE_STRATEGY}), target_splits(), runtime,
-                         CHECKPOINTS / "baseline")
+                        resumable)
     if not runtime.chief:
         return
     write_history(METRICS / "baseline_history.csv", outcome.progress.history)
     write_json(BASELINE_METRICS, outcome.report(BASELINE_STRATEGY, time.perf_counter() - started))
+    checkpoints.finish(resumable)
     print(f"baseline: from scratch, target test accuracy {outcome.evaluation['test']['accuracy']:.4f} "
           f"-> {BASELINE_METRICS}")
 

@@ -21,6 +21,7 @@ from transfer.errors import PipelineError, run_stage
 from transfer.outputs import atomic_output
 from transfer.paths import FIGURES, FINETUNED_MODEL, METRICS, RECORDS
 from transfer.records import dataset, open_split
+from transfer.training import load_model
 
 HISTORIES = {"pretrain (source)": "pretrain_history.csv", "finetune (target)": "finetune_history.csv",
              "from scratch (target)": "baseline_history.csv"}
@@ -96,9 +97,7 @@ def save(figure: Figure, path: Path) -> None:
 
 
 def main() -> None:
-    if not FINETUNED_MODEL.is_file():
-        raise PipelineError(f"{FINETUNED_MODEL} not found: run the finetune stage (dvc repro)")
-    model = keras.models.load_model(FINETUNED_MODEL)
+    model = load_model(FINETUNED_MODEL, made_by="finetune")
     classes = open_split(RECORDS, "target", "test").classes
     with atomic_output(FIGURES) as folder:
         folder.mkdir()

@@ -8,40 +8,38 @@ trains on its output: the same model as the plain path, many times faster.
 finetune.json reports `gain_over_scratch`: test accuracy minus the baseline
 stage's (the same network trained on the target task from random weights).
 Training through the base checkpoints every epoch, like pretrain, so an
-interrupted run continues where it stopped.
+interrupted run continues where it stopped (transfer/checkpoints.py).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from transfer import checkpoints
+from transfer.checkpoints import Checkpoints, Progress
 from transfer.config import Params, load_params
 from transfer.errors import PipelineError, run_stage
 from transfer.models import base_of, build_base, classifier, count_params, freeze, frozen_prefix
 from transfer.outputs import write_json
-from transfer.paths import BASELINE_METRICS, CHECKPOINTS, FINETUNED_MODEL, METRICS, PRETRAINED_MODEL, RECORDS
-from transfer.records import Split, check_shards, dataset, labels_of, open_split
+from transfer.paths import BASELINE_METRICS, FINETUNED_MODEL, METRICS, PRETRAINED_MODEL, RECORDS
+from transfer.records import Split, check_shards, dataset, epoch_seed, epochs, labels_of, open_split
 from transfer.training import (
     EVAL_BATCH,
-    Progress,
     Runtime,
     compile_model,
     evaluate_splits,
-    fingerprint,
     fit,
     global_batch,
     infer,
+    load_model,
     metrics_report,
-    resume,
     save_model,
     set_up,
     write_history,
@@ -81,10 +79,12 @@ def feature_bytes(prefix: keras.Model, images: int) -> int:
 
 
 def train_and_evaluate(params: Params, model: keras.Model, splits: dict[str, Split], keep: np.ndarray | None,
-                       runtime: Runtime, checkpoints: Path | None, key: str = "",
+                       runtime: Runtime, resumable: Checkpoints | None,
                        ) -> tuple[keras.Model, Progress, dict, np.ndarray, np.ndarray]:
     """Train and evaluate; returns the full model (a resumed one replaces `model`), progress and results."""
     settings = params.finetune_settings()
+    batch = global_batch(settings.batch_size, runtime)
+    shuffle = {"shuffle_buffer": params.train.shuffle_buffer, "seed": params.finetune.seed}
     train_images = int(keep.sum()) if keep is not None else splits["train"].count
     cut = frozen_prefix(model) if params.finetune.cache_features else None
     if cut is not None and feature_bytes(cut[0], sum(s.count for s in splits.values())) > _free_memory() / 2:
@@ -92,43 +92,35 @@ def train_and_evaluate(params: Params, model: keras.Model, splits: dict[str, Spl
         cut = None
     if cut is None:
         progress = Progress()
-        if checkpoints is not None:
+        if resumable is not None:
             with runtime.strategy.scope():
-                resumed, progress = resume(checkpoints, key, runtime)
+                resumed, progress = checkpoints.resume(resumable, runtime.workers, runtime.chief)
             model = resumed or model
         data = {name: dataset(split, EVAL_BATCH, keep=keep if name == "train" else None)
                 for name, split in splits.items()}
-        train_data = dataset(splits["train"], global_batch(settings.batch_size, runtime), keep=keep,
-                             shuffle_buffer=params.train.shuffle_buffer, seed=params.finetune.seed)
+        train_epochs = epochs(splits["train"], batch, keep=keep, **shuffle)
         trained = model
     else:
         # No checkpoint: after the one pass that caches features, an epoch over them takes seconds,
         # and checkpointing the suffix (which shares layers with the full model) would cost more than
         # it saves.
-        progress, checkpoints = Progress(), None
+        progress, resumable = Progress(), None
         prefix, trained = cut
         print(f"finetune: caching the output of {len(prefix.layers)} frozen layers")
         features = infer(prefix, {name: dataset(split, EVAL_BATCH, keep=keep if name == "train" else None)
                                   for name, split in splits.items()})
         data = {name: _in_memory(*pair).batch(EVAL_BATCH) for name, pair in features.items()}
-        train_data = (_in_memory(*features["train"])
-                      .shuffle(params.train.shuffle_buffer, seed=params.finetune.seed, reshuffle_each_iteration=True)
-                      .batch(global_batch(settings.batch_size, runtime)).prefetch(tf.data.AUTOTUNE))
+        cached_train = _in_memory(*features["train"])
+
+        def train_epochs(epoch: int) -> tf.data.Dataset:
+            order = epoch_seed(shuffle["seed"], epoch)
+            return (cached_train.shuffle(shuffle["shuffle_buffer"], seed=order, reshuffle_each_iteration=False)
+                    .batch(batch).prefetch(tf.data.AUTOTUNE))
     compile_model(trained, settings.learning_rate, params.train, runtime,
-                  optimizer=getattr(trained, "optimizer", None) if checkpoints else None)
-    fit(trained, train_data, data["val"], settings.epochs, progress, train_images, runtime, checkpoints, key)
+                  optimizer=getattr(trained, "optimizer", None) if resumable else None)
+    fit(trained, train_epochs, data["val"], settings.epochs, progress, train_images, runtime, resumable)
     evaluation, labels, predicted = evaluate_splits(trained, data, splits["train"].classes)
     return model, progress, evaluation, labels, predicted
-
-
-def checkpoint_key(params: Params) -> str:
-    """Everything a finetune checkpoint depends on: the stage's params, the records and the pretrained model."""
-    return fingerprint("finetune", params.finetune.seed, params.strategy, params.chosen_strategy().model_dump(),
-                       params.finetune_settings().model_dump(), params.finetune.model_dump(),
-                       params.train.model_dump(), params.model.head_units, params.model.dropout,
-                       params.data.target_labels_per_class, (RECORDS / "meta.json").read_text(),
-                       None if params.chosen_strategy().base_weights == "random"
-                       else hashlib.md5(PRETRAINED_MODEL.read_bytes()).hexdigest())
 
 
 def _in_memory(features: tuple[np.ndarray, ...], labels: np.ndarray) -> tf.data.Dataset:
@@ -170,19 +162,17 @@ def target_splits() -> dict[str, Split]:
     return splits
 
 
-def fine_tune(params: Params, splits: dict[str, Split], runtime: Runtime, checkpoints: Path) -> Outcome:
+def fine_tune(params: Params, splits: dict[str, Split], runtime: Runtime, resumable: Checkpoints | None) -> Outcome:
     """Train and evaluate `params.strategy` on the target task (shared by the finetune and baseline stages)."""
     from_scratch = params.chosen_strategy().base_weights == "random"
-    if not from_scratch and not PRETRAINED_MODEL.is_file():
-        raise PipelineError(f"{PRETRAINED_MODEL} not found: run the pretrain stage (dvc repro)")
     train = splits["train"]
     with runtime.strategy.scope():
-        pretrained = None if from_scratch else keras.models.load_model(PRETRAINED_MODEL)
+        pretrained = None if from_scratch else load_model(PRETRAINED_MODEL, made_by="pretrain")
         model = build_model(params, pretrained, len(train.classes), train.image_size)
     trainable = count_params(model.trainable_weights)
     keep = labelled_subset(labels_of(train), params.data.target_labels_per_class, params.finetune.seed)
     model, progress, evaluation, labels, predicted = train_and_evaluate(params, model, splits, keep, runtime,
-                                                                        checkpoints, checkpoint_key(params))
+                                                                        resumable)
     train_images = int(keep.sum()) if keep is not None else train.count
     return Outcome(model, trainable, train_images, progress, evaluation, labels, predicted, train.classes, runtime)
 
@@ -202,7 +192,8 @@ def main() -> None:
     runtime = set_up(params.train, params.finetune.seed)  # first: a multi-worker strategy must exist before TF starts
     splits = target_splits()
     baseline = read_baseline()
-    outcome = fine_tune(params, splits, runtime, CHECKPOINTS / "finetune")
+    resumable = checkpoints.for_stage("finetune")
+    outcome = fine_tune(params, splits, runtime, resumable)
     save_model(outcome.model, FINETUNED_MODEL, runtime)
     if not runtime.chief:
         print("finetune: training done; the chief writes the outputs")
@@ -213,6 +204,7 @@ def main() -> None:
     # Test accuracy minus that of the same network trained from scratch: what transfer bought.
     gain = report["gain_over_scratch"] = round(report["test"]["accuracy"] - baseline["test"]["accuracy"], 6)
     write_json(METRICS / "finetune.json", report)
+    checkpoints.finish(resumable)
     print(f"finetune: strategy {params.strategy}, {outcome.trainable:,} trainable parameters, "
           f"target test accuracy {report['test']['accuracy']:.4f} ({gain:+.4f} over scratch) -> {FINETUNED_MODEL}")
 

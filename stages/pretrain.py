@@ -2,29 +2,29 @@
 
 The whole network trains (BatchNorm in training mode), initialised from
 model.weights. A checkpoint after every epoch lets an interrupted run
-continue where it stopped; it is discarded when params or inputs change.
+continue where it stopped (transfer/checkpoints.py); it is discarded when
+anything dvc.yaml lists for this stage changed, and deleted once the stage is done.
 """
 
 from __future__ import annotations
 
 import time
 
+from transfer import checkpoints
 from transfer.config import load_params
 from transfer.errors import run_stage
 from transfer.models import build_base, classifier, count_params
 from transfer.outputs import write_json
-from transfer.paths import CHECKPOINTS, METRICS, PRETRAINED_MODEL, RECORDS
-from transfer.records import check_shards, dataset, open_split
+from transfer.paths import METRICS, PRETRAINED_MODEL, RECORDS
+from transfer.records import check_shards, dataset, epochs, open_split
 from transfer.training import (
     EVAL_BATCH,
     Runtime,
     compile_model,
     evaluate_splits,
-    fingerprint,
     fit,
     global_batch,
     metrics_report,
-    resume,
     save_model,
     set_up,
     write_history,
@@ -42,22 +42,20 @@ def main() -> None:
         check_shards(split)
     settings = params.pretrain
     train = splits["train"]
-    checkpoints = CHECKPOINTS / "pretrain"
-    key = fingerprint("pretrain", params.seed, params.model.model_dump(), settings.model_dump(),
-                      params.train.model_dump(), (RECORDS / "meta.json").read_text())
+    resumable = checkpoints.for_stage("pretrain")
 
     with runtime.strategy.scope():
-        model, progress = resume(checkpoints, key, runtime)
+        model, progress = checkpoints.resume(resumable, runtime.workers, runtime.chief)
         if model is None:
             base = build_base(params.model.backbone, train.image_size, params.model.weights)
             model = classifier(base, params.model.backbone, len(train.classes), params.model.head_units,
                                params.model.dropout, base_training=None)
     compile_model(model, settings.learning_rate, params.train, runtime, optimizer=getattr(model, "optimizer", None))
 
-    train_data = dataset(train, global_batch(settings.batch_size, runtime), shuffle_buffer=params.train.shuffle_buffer,
-                         seed=params.seed)
-    fit(model, train_data, dataset(splits["val"], EVAL_BATCH), settings.epochs, progress, train.count, runtime,
-        checkpoints, key)
+    train_epochs = epochs(train, global_batch(settings.batch_size, runtime), shuffle_buffer=params.train.shuffle_buffer,
+                          seed=params.seed)
+    fit(model, train_epochs, dataset(splits["val"], EVAL_BATCH), settings.epochs, progress, train.count, runtime,
+        resumable)
     if not runtime.chief:
         save_model(model, PRETRAINED_MODEL, runtime)
         print("pretrain: training done; the chief evaluates and writes the outputs")
@@ -72,6 +70,7 @@ def main() -> None:
         strategy=None, model=model, trainable_params=count_params(model.trainable_weights),
         evaluation=evaluation, progress=progress, stage_seconds=time.perf_counter() - started, runtime=runtime,
     ))
+    checkpoints.finish(resumable)
     print(f"pretrain: source test accuracy {evaluation['test']['accuracy']:.4f} -> {PRETRAINED_MODEL}")
 
 

@@ -27,13 +27,17 @@ def learnable_images(labels: np.ndarray, seed: int) -> np.ndarray:
     return np.clip(palette[labels][:, None, None, :] + noise, 0, 255).astype(np.uint8)
 
 
-def write_learnable_archive(path: Path, train_per_class: int = 12, test_per_class: int = 4) -> Path:
-    """A CIFAR-10 archive in the official python layout, with few images per class."""
+def write_learnable_archive(path: Path, train_per_class: int = 12, test_per_class: int = 4,
+                            noise_seed: int = 1) -> Path:
+    """A CIFAR-10 archive in the official python layout, with few images per class.
+
+    Another noise_seed gives other pixels with the same labels and counts."""
     classes = len(CIFAR10_CLASSES)
     train_labels = np.tile(np.arange(classes), train_per_class)
     test_labels = np.tile(np.arange(classes), test_per_class)
-    return write_archive(path, Cifar10(learnable_images(train_labels, seed=1), train_labels,
-                                       learnable_images(test_labels, seed=2), test_labels, CIFAR10_CLASSES))
+    train_images = learnable_images(train_labels, noise_seed)
+    test_images = learnable_images(test_labels, noise_seed + 1)
+    return write_archive(path, Cifar10(train_images, train_labels, test_images, test_labels, CIFAR10_CLASSES))
 
 
 def md5_of(path: Path) -> str:

@@ -2,6 +2,9 @@
 
 A killed run must leave nothing that looks finished, and the rerun must
 continue from the last finished epoch (training) or start clean (preprocess).
+A resumed run is the same run: it ends with the metrics and weights of an
+uninterrupted one. A checkpoint is resumed only while everything dvc.yaml
+lists for its stage is unchanged, and a finished stage leaves none.
 """
 
 from __future__ import annotations
@@ -9,14 +12,16 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
-from helpers import finish, make_project, run, set_params, start, write_learnable_archive
+from helpers import finish, make_project, md5_of, run, set_params, start, write_learnable_archive
 
 from transfer.records import check_shards, open_split
 
@@ -46,26 +51,66 @@ def history_epochs(project: Path, stage: str) -> list[int]:
     return [int(float(row.split(",")[0])) for row in rows]
 
 
+def metrics_without_timing(project: Path, stage: str) -> dict:
+    metrics = json.loads((project / f"metrics/{stage}.json").read_text())
+    metrics.pop("timing")
+    return metrics
+
+
+def weights(path: Path) -> list:
+    import keras
+
+    return [weight.numpy() for weight in keras.models.load_model(path).weights]
+
+
+def assert_same_run(project: Path, twin: Path, stage: str, model: str) -> None:
+    """The interrupted-and-resumed run and the uninterrupted one agree to the last bit."""
+    assert metrics_without_timing(project, stage) == metrics_without_timing(twin, stage)
+    ours, theirs = weights(project / model), weights(twin / model)
+    assert len(ours) == len(theirs) and all(np.array_equal(a, b) for a, b in zip(ours, theirs))
+
+
+def kill_after_an_epoch(project: Path, stage: str, sent: int = signal.SIGKILL) -> subprocess.CompletedProcess:
+    """Start the stage, interrupt it once it checkpointed an epoch, and return what it printed."""
+    job = start([sys.executable, "-m", f"stages.{stage}"], project)
+    wait_until(lambda: epochs_checkpointed(project / "checkpoints" / stage) >= 1, job, "a checkpointed epoch")
+    os.killpg(job.pid, sent)
+    result = finish(job)
+    done = epochs_checkpointed(project / "checkpoints" / stage)
+    assert 1 <= done < EPOCHS
+    return result
+
+
+SETTINGS = {"pretrain.epochs": EPOCHS, "finetune.epochs": EPOCHS, "finetune.cache_features": False, "strategy": 2,
+            "train.deterministic": True}
+
+
 @pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
-    """A project with TFRecords ready and enough images that an epoch takes a moment."""
-    folder = tmp_path_factory.mktemp("faults")
-    archive = write_learnable_archive(folder / "cifar-10-python.tar.gz", train_per_class=60, test_per_class=10)
-    project = make_project(folder / "p", archive, {
-        "pretrain.epochs": EPOCHS, "finetune.epochs": EPOCHS, "finetune.cache_features": False,
-    })
+def archive(tmp_path_factory) -> Path:
+    """Enough images that an epoch takes a moment."""
+    folder = tmp_path_factory.mktemp("archive")
+    return write_learnable_archive(folder / "cifar-10-python.tar.gz", train_per_class=60, test_per_class=10)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, archive) -> Path:
+    """TFRecords ready; finetune trains strategy 2 through the base, so it checkpoints every epoch."""
+    project = make_project(tmp_path_factory.mktemp("faults") / "p", archive, SETTINGS)
     run(["dvc", "repro", "preprocess"], project)
     return project
 
 
-def test_pretrain_killed_mid_epoch_resumes_and_finishes(project):
-    checkpoints = project / "checkpoints/pretrain"
-    job = start(["dvc", "repro", "pretrain"], project)
-    wait_until(lambda: epochs_checkpointed(checkpoints) >= 1, job, "a checkpointed epoch")
-    os.killpg(job.pid, signal.SIGKILL)  # dvc and the stage, as a pre-empted machine would
-    finish(job)
-    done = epochs_checkpointed(checkpoints)
-    assert 1 <= done < EPOCHS
+@pytest.fixture(scope="module")
+def twin(tmp_path_factory, archive) -> Path:
+    """The same params and data, run without interruption."""
+    twin = make_project(tmp_path_factory.mktemp("twin") / "p", archive, SETTINGS)
+    run(["dvc", "repro", "finetune"], twin)
+    return twin
+
+
+def test_pretrain_killed_mid_epoch_resumes_as_the_same_run(project, twin):
+    kill_after_an_epoch(project, "pretrain")
+    done = epochs_checkpointed(project / "checkpoints/pretrain")
     assert not (project / "models/pretrained.keras").exists()
 
     result = run(["dvc", "repro", "pretrain"], project)
@@ -73,36 +118,68 @@ def test_pretrain_killed_mid_epoch_resumes_and_finishes(project):
     assert history_epochs(project, "pretrain") == list(range(1, EPOCHS + 1))
     assert json.loads((project / "metrics/pretrain.json").read_text())["epochs"] == EPOCHS
     assert "modified" not in run(["dvc", "status", "pretrain"], project).stdout
+    assert not (project / "checkpoints/pretrain").exists()  # finished: nothing left to resume
+    assert_same_run(project, twin, "pretrain", "models/pretrained.keras")
 
 
-def test_changed_param_discards_the_checkpoint(project):
-    before = (project / "metrics/pretrain_history.csv").read_text()
-    assert epochs_checkpointed(project / "checkpoints/pretrain") == EPOCHS  # a finished run's checkpoint
-    set_params(project / "params.yaml", {"pretrain.learning_rate": 0.002})
-    result = run(["dvc", "repro", "pretrain"], project)
-    assert "discarding checkpoint in checkpoints/pretrain: params or inputs changed" in result.stdout
-    assert "resuming" not in result.stdout
-    after = (project / "metrics/pretrain_history.csv").read_text()
-    assert history_epochs(project, "pretrain") == list(range(1, EPOCHS + 1)) and after != before
-
-
-def test_ctrl_c_in_finetune_explains_itself_and_the_rerun_resumes(project):
-    run(["dvc", "repro", "pretrain", "baseline"], project)
-    checkpoints = project / "checkpoints/finetune"
-    job = start([sys.executable, "-m", "stages.finetune"], project)
-    wait_until(lambda: epochs_checkpointed(checkpoints) >= 1, job, "a checkpointed epoch")
-    os.killpg(job.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends
-    result = finish(job)
+def test_ctrl_c_in_finetune_explains_itself_and_resumes_as_the_same_run(project, twin):
+    run(["dvc", "repro", "baseline"], project)
+    assert not (project / "checkpoints/baseline").exists()
+    result = kill_after_an_epoch(project, "finetune", signal.SIGINT)  # what Ctrl-C in a terminal sends
     assert result.returncode == 130
     assert result.stderr.strip().splitlines()[-1] == INTERRUPTED and "Traceback" not in result.stderr
     assert not (project / "models/finetuned.keras").exists()
-    done = epochs_checkpointed(checkpoints)
-    assert 1 <= done < EPOCHS
+    done = epochs_checkpointed(project / "checkpoints/finetune")
 
     result = run(["dvc", "repro", "finetune"], project)
     assert f"resuming from checkpoints/finetune after epoch {done}" in result.stdout
     assert history_epochs(project, "finetune") == list(range(1, EPOCHS + 1))
-    assert (project / "models/finetuned.keras").is_file()
+    assert not (project / "checkpoints/finetune").exists()
+    assert_same_run(project, twin, "finetune", "models/finetuned.keras")
+
+
+def test_changed_param_discards_the_checkpoint(project):
+    kill_after_an_epoch(project, "pretrain")
+    set_params(project / "params.yaml", {"pretrain.learning_rate": 0.002})
+    result = run(["dvc", "repro", "pretrain"], project)
+    assert "discarding checkpoint in checkpoints/pretrain: pretrain changed since it was written" in result.stdout
+    assert "resuming" not in result.stdout
+    assert history_epochs(project, "pretrain") == list(range(1, EPOCHS + 1))
+
+
+def test_changed_code_discards_the_checkpoint_and_trains_the_new_network(project):
+    kill_after_an_epoch(project, "pretrain")
+    models = project / "transfer/models.py"
+    models.write_text(models.read_text().replace("for filters in (32, 64, 128):", "for filters in (16, 64, 128):"))
+    result = run(["dvc", "repro", "pretrain"], project)
+    assert "discarding checkpoint in checkpoints/pretrain: transfer/models.py changed" in result.stdout
+    assert "resuming" not in result.stdout
+    assert history_epochs(project, "pretrain") == list(range(1, EPOCHS + 1))
+    import keras
+
+    first_convolution = keras.models.load_model(project / "models/pretrained.keras").get_layer("small_cnn").layers[1]
+    assert first_convolution.filters == 16
+
+
+def test_changed_seed_discards_the_baseline_checkpoint(project):
+    kill_after_an_epoch(project, "baseline")
+    set_params(project / "params.yaml", {"seed": 7})  # a new split, so new TFRecords with the same counts
+    result = run(["dvc", "repro", "baseline"], project)
+    assert "discarding checkpoint in checkpoints/baseline: data/tfrecords changed" in result.stdout
+    assert "resuming" not in result.stdout
+    assert history_epochs(project, "baseline") == list(range(1, EPOCHS + 1))
+
+
+def test_changed_data_with_the_same_counts_discards_the_finetune_checkpoint(project, tmp_path):
+    run(["dvc", "repro", "finetune"], project)
+    kill_after_an_epoch(project, "finetune")
+    other = write_learnable_archive(tmp_path / "other.tar.gz", train_per_class=60, test_per_class=10, noise_seed=5)
+    set_params(project / "params.yaml", {"data.url": str(other), "data.md5": md5_of(other)})
+    result = run(["dvc", "repro", "finetune"], project)
+    assert "discarding checkpoint in checkpoints/finetune: data/tfrecords, metrics/baseline.json" in result.stdout
+    assert "resuming" not in result.stdout
+    assert history_epochs(project, "finetune") == list(range(1, EPOCHS + 1))
+    assert not list((project / "checkpoints").iterdir())
 
 
 def stale_records(project: Path) -> list[Path]:

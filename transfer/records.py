@@ -11,15 +11,19 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from transfer.config import describe
 from transfer.errors import PipelineError
+
+if TYPE_CHECKING:  # imported lazily at run time: preprocess workers import this module fresh
+    import tensorflow as tf
 
 META_FILE = "meta.json"
 JPEG_BYTES_PER_PIXEL = 0.19  # measured: q95 JPEG of upscaled CIFAR-10 is ~17 KB at 299x299
@@ -175,18 +179,23 @@ def check_shards(split: Split) -> None:
         raise PipelineError(f"{split.root}/{split.task}: {total} records, meta.json says {split.count}")
 
 
-def dataset(
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The shuffle seed of one epoch: a resumed run shuffles epoch e exactly as an uninterrupted one does."""
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+def epochs(
     split: Split,
     batch_size: int,
     *,
     shuffle_buffer: int = 0,
-    seed: int | None = None,
+    seed: int = 0,
     keep: np.ndarray | None = None,
-):
-    """A tf.data pipeline of (float32 image batch, int64 labels) read from the shards.
+) -> Callable[[int], tf.data.Dataset]:
+    """epoch -> that epoch's tf.data pipeline of (float32 image batch, int64 labels), read from the shards.
 
-    Order is deterministic for a given seed: shards are interleaved with a fixed
-    cycle, and shuffling (of the small encoded records, before decoding) is seeded.
+    Order is a function of (seed, epoch) alone: shards are interleaved with a fixed cycle,
+    and the small encoded records are shuffled before decoding with epoch_seed(seed, epoch).
     `keep` is a boolean mask over the split's indices (a labelled subset).
     """
     import tensorflow as tf
@@ -206,25 +215,42 @@ def dataset(
             image = tf.ensure_shape(image, (size, size, 3))
         return tf.cast(image, tf.float32), record["label"]
 
-    data = tf.data.Dataset.from_tensor_slices([str(path) for path in split.files]).interleave(
+    records = tf.data.Dataset.from_tensor_slices([str(path) for path in split.files]).interleave(
         lambda path: tf.data.TFRecordDataset(path, buffer_size=1 << 22),
         cycle_length=min(4, len(split.files)),
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=True,
     )
-    data = data.map(lambda record: tf.io.parse_single_example(record, features),
-                    num_parallel_calls=tf.data.AUTOTUNE)
+    records = records.map(lambda record: tf.io.parse_single_example(record, features),
+                          num_parallel_calls=tf.data.AUTOTUNE)
     if keep is not None:
         mask = tf.constant(keep, dtype=tf.bool)
-        # A labelled subset is small: keep its encoded records in memory rather than rescan every shard each epoch.
-        data = data.filter(lambda record: tf.gather(mask, record["index"])).cache()
-    if shuffle_buffer:
-        data = data.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-    data = data.map(decode, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size)
+        # A labelled subset is small: keep its encoded records in memory rather than rescan every shard each
+        # epoch. The cache belongs to this dataset object, so every epoch below shares it.
+        records = records.filter(lambda record: tf.gather(mask, record["index"])).cache()
     # Filtering and interleaving hide the length; Keras needs it to end epochs cleanly.
-    images = split.count if keep is None else int(keep.sum())
-    data = data.apply(tf.data.experimental.assert_cardinality(math.ceil(images / batch_size)))
-    return data.prefetch(tf.data.AUTOTUNE)
+    batches = math.ceil((split.count if keep is None else int(keep.sum())) / batch_size)
+
+    def epoch_data(epoch: int) -> tf.data.Dataset:
+        data = records
+        if shuffle_buffer:
+            data = data.shuffle(shuffle_buffer, seed=epoch_seed(seed, epoch), reshuffle_each_iteration=False)
+        data = data.map(decode, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size)
+        return data.apply(tf.data.experimental.assert_cardinality(batches)).prefetch(tf.data.AUTOTUNE)
+
+    return epoch_data
+
+
+def dataset(
+    split: Split,
+    batch_size: int,
+    *,
+    shuffle_buffer: int = 0,
+    seed: int = 0,
+    keep: np.ndarray | None = None,
+) -> tf.data.Dataset:
+    """One pass over the split (in epoch 0's order when shuffled); see `epochs`."""
+    return epochs(split, batch_size, shuffle_buffer=shuffle_buffer, seed=seed, keep=keep)(0)
 
 
 def labels_of(split: Split) -> np.ndarray:

@@ -6,21 +6,23 @@ compiling, resumable fit() with per-epoch checkpoints, and the metrics both stag
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from transfer import checkpoints
+from transfer.checkpoints import Checkpoints, Progress
 from transfer.config import Train
 from transfer.errors import PipelineError
-from transfer.outputs import atomic_output, remove, write_text
+from transfer.outputs import atomic_output, write_text
 
 EVAL_BATCH = 256
 
@@ -120,53 +122,32 @@ def compile_model(model: keras.Model, learning_rate: float, train: Train, runtim
         )
 
 
-def fingerprint(*parts: object) -> str:
-    """A hash of everything a checkpoint depends on; a changed one discards the checkpoint."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
-
-
-@dataclass
-class Progress:
-    """What a (possibly resumed) training run has done so far."""
-
-    history: list[dict] = field(default_factory=list)
-    seconds: float = 0.0
-    images_seen: int = 0
-
-    @property
-    def epochs_done(self) -> int:
-        return len(self.history)
-
-
 class EpochRecorder(keras.callbacks.Callback):
-    """Record each epoch in `progress`; with a folder, also checkpoint model and progress.
+    """Record each epoch in `progress`, print it, and checkpoint model and progress when given checkpoints."""
 
-    Model (with optimizer state) and progress are saved together as one atomic
-    folder, so a kill at any moment leaves either the old or the new checkpoint.
-    """
-
-    def __init__(self, progress: Progress, images_per_epoch: int, folder: Path | None, key: str, runtime: Runtime):
+    def __init__(self, progress: Progress, epochs: int, images_per_epoch: int, checkpoints: Checkpoints | None,
+                 runtime: Runtime):
         super().__init__()
-        self.progress, self.images_per_epoch = progress, images_per_epoch
-        self.folder, self.key, self.runtime = folder, key, runtime
+        self.progress, self.epochs, self.images_per_epoch = progress, epochs, images_per_epoch
+        self.checkpoints, self.runtime = checkpoints, runtime
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self.started = time.perf_counter()
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        self.progress.seconds += time.perf_counter() - self.started
+        seconds = time.perf_counter() - self.started
+        self.progress.seconds += seconds
         self.progress.images_seen += self.images_per_epoch
-        self.progress.history.append({"epoch": epoch + 1, **{k: float(v) for k, v in (logs or {}).items()}})
-        if self.folder is None:
+        logs = {name: float(value) for name, value in (logs or {}).items()}
+        self.progress.history.append({"epoch": epoch + 1, **logs})
+        shown = " - ".join(f"{name} {value:.4f}" for name, value in logs.items())
+        print(f"epoch {epoch + 1}/{self.epochs} - {seconds:.1f} s - {shown}", flush=True)
+        if self.checkpoints is None:
             return
-        if not self.runtime.chief:
-            save_model(self.model, self.folder / "model.keras", self.runtime)
-            return
-        with atomic_output(self.folder / "latest") as latest:
-            latest.mkdir()
-            self.model.save(latest / "model.keras")
-            state = {"fingerprint": self.key, **self.progress.__dict__}
-            (latest / "state.json").write_text(json.dumps(state, indent=2))
+        if self.runtime.chief:
+            checkpoints.save(self.checkpoints, self.model, self.progress)
+        else:  # saving is collective across workers; only the chief's copy is kept
+            save_model(self.model, self.checkpoints.folder / "model.keras", self.runtime)
 
 
 def save_model(model: keras.Model, path: Path, runtime: Runtime) -> None:
@@ -183,41 +164,35 @@ def save_model(model: keras.Model, path: Path, runtime: Runtime) -> None:
         model.save(Path(folder) / path.name)
 
 
-def resume(folder: Path, key: str, runtime: Runtime) -> tuple[keras.Model | None, Progress]:
-    """The checkpointed model and progress if they belong to this run; stale ones are deleted.
+def load_model(path: Path, made_by: str) -> keras.Model:
+    """A model a stage wrote; a missing or unreadable file is one line naming it and the stage to rerun."""
+    if not path.is_file():
+        raise PipelineError(f"{path} not found: run the {made_by} stage (dvc repro)")
+    try:
+        return keras.models.load_model(path)
+    except Exception as error:  # Keras raises ValueError, OSError, zipfile errors... for a damaged file
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise PipelineError(f"{path} is not a readable Keras model ({reason}); rerun the {made_by} stage") from None
 
-    Call it in the strategy's scope. Several workers never resume: they would all have to
-    load the same checkpoint, and the chief's folder is not theirs.
+
+def fit(model: keras.Model, epoch_data: Callable[[int], tf.data.Dataset], val_data: tf.data.Dataset, epochs: int,
+        progress: Progress, images_per_epoch: int, runtime: Runtime, checkpoints: Checkpoints | None = None,
+        ) -> Progress:
+    """Train until `epochs` in total, continuing after progress.epochs_done; only the chief keeps checkpoints.
+
+    `epoch_data(e)` is epoch e's training data, batched at the global batch size (Keras splits every
+    batch across the replicas). One fit() call per epoch, so that each epoch reads its own data,
+    whatever epoch a resumed run starts from.
     """
-    if runtime.workers > 1:
-        if runtime.chief:
-            remove(folder)
-        return None, Progress()
-    state_file = folder / "latest" / "state.json"
-    if state_file.is_file():
-        state = json.loads(state_file.read_text())
-        if state.pop("fingerprint") == key:
-            model = keras.models.load_model(folder / "latest" / "model.keras")
-            print(f"resuming from {folder} after epoch {len(state['history'])}")
-            return model, Progress(**state)
-        print(f"discarding checkpoint in {folder}: params or inputs changed")
-    remove(folder)
-    return None, Progress()
-
-
-def fit(model: keras.Model, train_data, val_data, epochs: int, progress: Progress, images_per_epoch: int,
-        runtime: Runtime, checkpoints: Path | None = None, key: str = "") -> Progress:
-    """Train up to `epochs` in total, continuing after progress.epochs_done; only the chief keeps checkpoints.
-
-    Datasets are batched at the global batch size; Keras splits every batch across the replicas.
-    """
-    if progress.epochs_done < epochs:
-        recorder = EpochRecorder(progress, images_per_epoch, checkpoints, key, runtime)
-        with runtime.strategy.scope():
-            if runtime.replicas > 1:
-                _let_keras_fit_across_replicas(model, train_data.element_spec, runtime.workers)
-            model.fit(by_batch(train_data), validation_data=by_batch(val_data), epochs=epochs,
-                      initial_epoch=progress.epochs_done, callbacks=[recorder], verbose=2,
+    if progress.epochs_done >= epochs:
+        return progress
+    recorder = EpochRecorder(progress, epochs, images_per_epoch, checkpoints, runtime)
+    with runtime.strategy.scope():
+        if runtime.replicas > 1:
+            _let_keras_fit_across_replicas(model, epoch_data(0).element_spec, runtime.workers)
+        for epoch in range(progress.epochs_done, epochs):
+            model.fit(by_batch(epoch_data(epoch)), validation_data=by_batch(val_data), initial_epoch=epoch,
+                      epochs=epoch + 1, callbacks=[recorder], verbose=0,
                       shuffle=False)  # datasets shuffle themselves
     return progress
 
@@ -232,6 +207,11 @@ def _let_keras_fit_across_replicas(model: keras.Model, batch_spec: tuple, worker
     strategy of its own: it then uses the enclosing scope's and skips that step.
     Across workers, fit() also reduces the scalar logs along an axis they do not
     have, so they get one.
+
+    Private Keras API (`_symbolic_build`, `_distribute_strategy`): keras is pinned to 3.15.x in
+    pyproject.toml for it. On an upgrade, check whether those issues are fixed (then delete this
+    function) or whether the two attributes still exist and mean the same, by running
+    tests/test_distribute.py, whose MirroredStrategy and multi-worker tests go through here.
     """
     model._symbolic_build(data_batch=batch_spec)
     model._distribute_strategy = None

@@ -1,0 +1,170 @@
+"""Resumable training: a stage's identity, its per-epoch checkpoint, and when one may be resumed.
+
+A checkpoint belongs to one run of one stage. Its identity is everything dvc.yaml says
+the stage depends on, read from dvc.yaml itself: the command, every `deps` path by
+content and the value of every listed param. A checkpoint is resumed only when that
+identity is unchanged, so a dependency added to dvc.yaml is covered without touching
+Python. A finished stage deletes its checkpoint: only an interrupted run leaves one.
+
+Resuming continues the same run: the model file holds the weights, BatchNorm statistics
+and optimizer state; the random state of layers such as Dropout (which Keras does not
+save) is stored beside it, and every epoch's data order is a function of (seed, epoch).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import keras
+import numpy as np
+import yaml
+
+from transfer.config import PARAMS_FILE
+from transfer.errors import PipelineError
+from transfer.outputs import atomic_output, remove
+from transfer.paths import CHECKPOINTS
+
+DVC_FILE = Path("dvc.yaml")
+
+
+@dataclass
+class Progress:
+    """What a (possibly resumed) training run has done so far."""
+
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    images_seen: int = 0
+
+    @property
+    def epochs_done(self) -> int:
+        return len(self.history)
+
+
+@dataclass(frozen=True)
+class Checkpoints:
+    """Where a stage keeps its resume state, and the identity that state must match."""
+
+    folder: Path
+    identity: dict
+
+    @property
+    def latest(self) -> Path:
+        return self.folder / "latest"
+
+
+def for_stage(stage: str) -> Checkpoints:
+    return Checkpoints(CHECKPOINTS / stage, stage_identity(stage))
+
+
+def stage_identity(stage: str, dvc_file: Path = DVC_FILE) -> dict:
+    """{cmd, deps: {path: sha256 of its content}, params: {key: value}} of `stage` as dvc.yaml declares it.
+
+    Hashing costs about a second per GB here (sha256, files in the page cache): small next to any training.
+    """
+    try:
+        spec = yaml.safe_load(dvc_file.read_text())["stages"][stage]
+    except (FileNotFoundError, KeyError, TypeError) as error:
+        raise PipelineError(f"{dvc_file} has no stage {stage!r} ({type(error).__name__}): "
+                            "run from the project root") from None
+    params = {}
+    for entry in spec.get("params", []):
+        # dvc.yaml names params of params.yaml as plain keys, or of other files as {file: [keys]}.
+        for file, keys in ({str(PARAMS_FILE): [entry]} if isinstance(entry, str) else entry).items():
+            values = yaml.safe_load(Path(file).read_text())
+            params.update({f"{file}:{key}": _lookup(values, key) for key in keys})
+    deps = {}
+    for dep in spec.get("deps", []):
+        path = Path(dep)
+        if not path.exists():
+            raise PipelineError(f"{path} not found: it is a dependency of the {stage} stage (dvc repro)")
+        deps[dep] = content_hash(path)
+    # As state.json will read it back: JSON turns integer keys (strategies.0) into strings.
+    return json.loads(json.dumps({"cmd": spec["cmd"], "deps": deps, "params": params}))
+
+
+def content_hash(path: Path) -> str:
+    """sha256 of a file, or of a folder's files (relative names and contents, in sorted order)."""
+    if path.is_file():
+        with open(path, "rb") as reader:
+            return hashlib.file_digest(reader, "sha256").hexdigest()
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(f"{file.relative_to(path).as_posix()}\0{content_hash(file)}\0".encode())
+    return digest.hexdigest()
+
+
+def _lookup(values: object, dotted: str) -> object:
+    for key in dotted.split("."):
+        if isinstance(values, dict):
+            values = values.get(int(key) if key.isdigit() and int(key) in values else key)
+        else:
+            return None
+    return values
+
+
+def changes(old: dict, new: dict) -> list[str]:
+    """What differs between two identities, by name (a dependency path, a param key or `cmd`)."""
+    changed = ["cmd"] if old.get("cmd") != new["cmd"] else []
+    for part in ("deps", "params"):
+        before, after = old.get(part, {}), new[part]
+        changed += sorted(name.removeprefix(f"{PARAMS_FILE}:") for name in before.keys() | after.keys()
+                          if before.get(name) != after.get(name))
+    return changed
+
+
+def resume(checkpoints: Checkpoints, workers: int, chief: bool) -> tuple[keras.Model | None, Progress]:
+    """The checkpointed model and progress if they belong to this run; any other checkpoint is deleted.
+
+    Call it in the distribution's scope. Several workers never resume: they would all have to
+    load the same checkpoint, and the chief's folder is not theirs.
+    """
+    if workers > 1:
+        if chief:
+            remove(checkpoints.folder)
+        return None, Progress()
+    state_file = checkpoints.latest / "state.json"
+    if state_file.is_file():
+        state = json.loads(state_file.read_text())
+        changed = changes(state.pop("identity"), checkpoints.identity)
+        if not changed:
+            model = keras.models.load_model(checkpoints.latest / "model.keras")
+            _restore_random_state(model, state.pop("random_state"))
+            print(f"resuming from {checkpoints.folder} after epoch {len(state['history'])}")
+            return model, Progress(**state)
+        shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+        print(f"discarding checkpoint in {checkpoints.folder}: {shown} changed since it was written")
+    remove(checkpoints.folder)
+    return None, Progress()
+
+
+def save(checkpoints: Checkpoints, model: keras.Model, progress: Progress) -> None:
+    """Write model and state as one atomic folder: a kill at any moment leaves the old or the new one."""
+    with atomic_output(checkpoints.latest) as latest:
+        latest.mkdir()
+        model.save(latest / "model.keras")
+        state = {"identity": checkpoints.identity, "random_state": _random_state(model), **progress.__dict__}
+        (latest / "state.json").write_text(json.dumps(state, indent=2))
+
+
+def finish(checkpoints: Checkpoints) -> None:
+    """The stage wrote its outputs: nothing is left to resume."""
+    remove(checkpoints.folder)
+
+
+def _random_variables(model: keras.Model) -> list:
+    # `variables` holds the weights plus the layers' random-seed state (Dropout's SeedGenerator);
+    # model.save() keeps only the weights.
+    weights = {id(weight) for weight in model.weights}
+    return [variable for variable in model.variables if id(variable) not in weights]
+
+
+def _random_state(model: keras.Model) -> list[list[int]]:
+    return [np.asarray(variable).tolist() for variable in _random_variables(model)]
+
+
+def _restore_random_state(model: keras.Model, state: list[list[int]]) -> None:
+    for variable, value in zip(_random_variables(model), state, strict=True):
+        variable.assign(np.asarray(value, dtype=variable.dtype))
