@@ -40,7 +40,8 @@ def atomic_output(final: Path | str) -> Iterator[Path]:
     except BaseException:
         remove(temporary)
         raise
-    remove(final)
+    if final.is_dir() and not final.is_symlink():
+        remove(final)  # os.replace cannot overwrite a folder; a file it replaces atomically
     os.replace(temporary, final)
 
 
