@@ -11,11 +11,11 @@ import pytest
 from helpers import ROOT
 
 TENSORFLOWS = {"tensorflow", "tensorflow-cpu", "tensorflow-intel", "tensorflow-macos"}
-DOCUMENTED_IN = ("README.md", ".ci/run")
+DOCUMENTED_IN = ("README.md", ".ci/run", ".github/workflows/pr-report.yml")
 
 
 def documented_installs() -> list[str]:
-    """The extras of every `pip install -e ".[...]"` in the README and CI script, such as "dev,cpu"."""
+    """The extras of every `pip install -e ".[...]"` in the README, CI script and PR workflow, e.g. "dev,cpu"."""
     found: set[str] = set()
     for name in DOCUMENTED_IN:
         found.update(re.findall(r'pip install (?:--\S+ )*-e "\.\[([\w,]+)\]"', (ROOT / name).read_text()))

@@ -7,7 +7,8 @@ import shlex
 import shutil
 
 import yaml
-from helpers import ROOT, set_params
+from dvc.utils.hydra import apply_overrides
+from helpers import ROOT
 
 from transfer.config import load_params
 
@@ -29,6 +30,7 @@ def test_runs_on_pull_requests_and_may_comment():
     assert parsed["permissions"]["pull-requests"] == "write"
     checkout = parsed["jobs"]["report"]["steps"][0]
     assert checkout["uses"].startswith("actions/checkout@") and checkout["with"]["fetch-depth"] == 0
+    assert checkout["with"]["persist-credentials"] is False  # the PR's own code must not read the token
 
 
 def test_every_module_and_file_it_names_exists():
@@ -39,7 +41,7 @@ def test_every_module_and_file_it_names_exists():
         assert (ROOT / (module.replace(".", "/") + ".py")).is_file(), module
     for path in re.findall(r"\b(profiles/[\w.]+)", text):
         assert (ROOT / path).is_file(), path
-    assert 'pip install -e ".[dev]"' in text
+    assert 'pip install -e ".[dev,cpu]"' in text
     assert re.search(r"cml comment update --target=pr .*report\.md", text)
     for line in re.findall(r"^\s*(?:if )?(dvc [^;$\n]*)", text, flags=re.MULTILINE):
         assert line.startswith(DVC_COMMANDS), line
@@ -51,9 +53,8 @@ def test_ci_profile_is_the_cpu_profile_with_the_official_url(tmp_path):
     cpu = shlex.split((ROOT / "profiles/cpu.args").read_text())
     pairs = list(zip(cpu[::2], cpu[1::2]))
     assert list(zip(ci[::2], ci[1::2])) == [(flag, value) for flag, value in pairs if not value.startswith("data.")]
-    overrides = dict(pair.split("=", 1) for pair in ci[1::2])
     params_file = tmp_path / "params.yaml"
     shutil.copy(ROOT / "params.yaml", params_file)
-    set_params(params_file, {key: yaml.safe_load(value) for key, value in overrides.items()})
+    apply_overrides(params_file, ci[1::2])  # as `dvc exp run -S` applies them (Hydra syntax, not YAML)
     params = load_params(params_file)
     assert params.model.backbone == "small_cnn" and params.data.url.startswith("https://")
