@@ -182,6 +182,16 @@ def test_changed_data_with_the_same_counts_discards_the_finetune_checkpoint(proj
     assert not list((project / "checkpoints").iterdir())
 
 
+def test_a_damaged_pretrained_model_is_one_line_naming_it(project):
+    model = project / "models/pretrained.keras"
+    model.write_bytes(b"not a zip file at all")
+    result = run([sys.executable, "-m", "stages.finetune"], project, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "error: models/pretrained.keras is not a readable Keras model (")
+    assert result.stderr.strip().splitlines()[-1].endswith("); rerun the pretrain stage")
+
+
 def stale_records(project: Path) -> list[Path]:
     return list((project / "data").glob(".tfrecords.tmp-*"))
 

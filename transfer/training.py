@@ -10,6 +10,7 @@ import json
 import os
 import tempfile
 import time
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,11 +169,14 @@ def load_model(path: Path, made_by: str) -> keras.Model:
     """A model a stage wrote; a missing or unreadable file is one line naming it and the stage to rerun."""
     if not path.is_file():
         raise PipelineError(f"{path} not found: run the {made_by} stage (dvc repro)")
-    try:
-        return keras.models.load_model(path)
-    except Exception as error:  # Keras raises ValueError, OSError, zipfile errors... for a damaged file
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise PipelineError(f"{path} is not a readable Keras model ({reason}); rerun the {made_by} stage") from None
+    # Keras calls a file that is no zip archive "not found"; say what is really wrong.
+    reason = None if zipfile.is_zipfile(path) else "not a zip archive, as a .keras file is"
+    if reason is None:
+        try:
+            return keras.models.load_model(path)
+        except Exception as error:  # Keras raises ValueError, OSError, KeyError... for a damaged file
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    raise PipelineError(f"{path} is not a readable Keras model ({reason}); rerun the {made_by} stage")
 
 
 def fit(model: keras.Model, epoch_data: Callable[[int], tf.data.Dataset], val_data: tf.data.Dataset, epochs: int,
