@@ -10,35 +10,34 @@ from __future__ import annotations
 
 import time
 
-from stages.finetune import fine_tune, target_splits
-from transfer import checkpoints
+from transfer import checkpoints, strategies
 from transfer.config import load_params
-from transfer.errors import PipelineError, run_stage
+from transfer.errors import run_stage
 from transfer.outputs import write_json
-from transfer.paths import BASELINE_METRICS, METRICS
-from transfer.training import set_up, write_history
+from transfer.paths import history_file, metrics_file
+from transfer.reports import metrics_report, write_history
+from transfer.runtime import set_up
+from transfer.training import Run, train_classifier
 
-BASELINE_STRATEGY = 0
+STAGE = "baseline"
 
 
 def main() -> None:
     started = time.perf_counter()
     params = load_params()
-    chosen = params.strategies.get(BASELINE_STRATEGY)
-    if chosen is None or chosen.base_weights != "random":
-        raise PipelineError(f"params.yaml: strategies.{BASELINE_STRATEGY} must be the from-scratch baseline "
-                            "(base_weights: random)")
-    runtime = set_up(params.train, params.finetune.seed)  # first: a multi-worker strategy must exist before TF starts
-    resumable = checkpoints.for_stage("baseline")
-    outcome = fine_tune(params.model_copy(update={"strategy": BASELINE_STRATEGY}), target_splits(), runtime,
-                        resumable)
+    strategy = strategies.baseline(params)
+    runtime = set_up(params.training, params.finetune.seed)  # first: a multi-worker distribution must exist
+    run = Run(stage=STAGE, task="target", init="none", strategy=strategy,
+              settings=strategies.settings(params.finetune, strategy), seed=params.finetune.seed,
+              labels_per_class=params.data.target_labels_per_class, cache_features=params.finetune.cache_features)
+    result = train_classifier(run, params, runtime)
     if not runtime.chief:
         return
-    write_history(METRICS / "baseline_history.csv", outcome.progress.history)
-    write_json(BASELINE_METRICS, outcome.report(BASELINE_STRATEGY, time.perf_counter() - started))
-    checkpoints.finish(resumable)
-    print(f"baseline: from scratch, target test accuracy {outcome.evaluation['test']['accuracy']:.4f} "
-          f"-> {BASELINE_METRICS}")
+    write_history(history_file(STAGE), result.progress.history)
+    write_json(metrics_file(STAGE), metrics_report(result, strategies.BASELINE, runtime, time.perf_counter() - started))
+    checkpoints.finish(STAGE)
+    print(f"{STAGE}: from scratch, target test accuracy {result.evaluation['test']['accuracy']:.4f} "
+          f"-> {metrics_file(STAGE)}")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,7 @@
-"""Stage 4: pretrain backbone + head on the source task.
+"""Stage: pretrain backbone + head on the source task.
 
 The whole network trains (BatchNorm in training mode), initialised from
-model.weights. A checkpoint after every epoch lets an interrupted run
-continue where it stopped (transfer/checkpoints.py); it is discarded when
-anything dvc.yaml lists for this stage changed, and deleted once the stage is done.
+model.weights. An interrupted run continues where it stopped (transfer/checkpoints.py).
 """
 
 from __future__ import annotations
@@ -13,65 +11,31 @@ import time
 from transfer import checkpoints
 from transfer.config import load_params
 from transfer.errors import run_stage
-from transfer.models import build_base, classifier, count_params
+from transfer.models import save_model
 from transfer.outputs import write_json
-from transfer.paths import METRICS, PRETRAINED_MODEL, RECORDS
-from transfer.records import check_shards, dataset, epochs, open_split
-from transfer.training import (
-    EVAL_BATCH,
-    Runtime,
-    compile_model,
-    evaluate_splits,
-    fit,
-    global_batch,
-    metrics_report,
-    save_model,
-    set_up,
-    write_history,
-)
+from transfer.paths import PRETRAINED_MODEL, history_file, metrics_file
+from transfer.reports import metrics_report, write_history
+from transfer.runtime import set_up
+from transfer.training import Run, train_classifier
 
-SPLITS = ("train", "val", "test")
+STAGE = "pretrain"
 
 
 def main() -> None:
     started = time.perf_counter()
     params = load_params()
-    runtime: Runtime = set_up(params.train, params.seed)
-    splits = {name: open_split(RECORDS, "source", name) for name in SPLITS}
-    for split in splits.values():
-        check_shards(split)
-    settings = params.pretrain
-    train = splits["train"]
-    resumable = checkpoints.for_stage("pretrain")
-
-    with runtime.strategy.scope():
-        model, progress = checkpoints.resume(resumable, runtime.workers, runtime.chief)
-        if model is None:
-            base = build_base(params.model.backbone, train.image_size, params.model.weights)
-            model = classifier(base, params.model.backbone, len(train.classes), params.model.head_units,
-                               params.model.dropout, base_training=None)
-    compile_model(model, settings.learning_rate, params.train, runtime, optimizer=getattr(model, "optimizer", None))
-
-    train_epochs = epochs(train, global_batch(settings.batch_size, runtime), shuffle_buffer=params.train.shuffle_buffer,
-                          seed=params.seed)
-    fit(model, train_epochs, dataset(splits["val"], EVAL_BATCH), settings.epochs, progress, train.count, runtime,
-        resumable)
+    runtime = set_up(params.training, params.seed)  # first: a multi-worker distribution must exist before TF starts
+    run = Run(stage=STAGE, task="source", init=params.model.weights, strategy=None, settings=params.pretrain,
+              seed=params.seed)
+    result = train_classifier(run, params, runtime)
+    save_model(result.model, PRETRAINED_MODEL, runtime)
     if not runtime.chief:
-        save_model(model, PRETRAINED_MODEL, runtime)
-        print("pretrain: training done; the chief evaluates and writes the outputs")
+        print(f"{STAGE}: training done; the chief evaluates and writes the outputs")
         return
-
-    evaluation, _, _ = evaluate_splits(
-        model, {name: dataset(split, EVAL_BATCH) for name, split in splits.items()}, train.classes
-    )
-    save_model(model, PRETRAINED_MODEL, runtime)
-    write_history(METRICS / "pretrain_history.csv", progress.history)
-    write_json(METRICS / "pretrain.json", metrics_report(
-        strategy=None, model=model, trainable_params=count_params(model.trainable_weights),
-        evaluation=evaluation, progress=progress, stage_seconds=time.perf_counter() - started, runtime=runtime,
-    ))
-    checkpoints.finish(resumable)
-    print(f"pretrain: source test accuracy {evaluation['test']['accuracy']:.4f} -> {PRETRAINED_MODEL}")
+    write_history(history_file(STAGE), result.progress.history)
+    write_json(metrics_file(STAGE), metrics_report(result, None, runtime, time.perf_counter() - started))
+    checkpoints.finish(STAGE)
+    print(f"{STAGE}: source test accuracy {result.evaluation['test']['accuracy']:.4f} -> {PRETRAINED_MODEL}")
 
 
 if __name__ == "__main__":

@@ -56,8 +56,8 @@ TINY_PARAMS = {
     "finetune.epochs": 2,
     "pretrain.batch_size": 8,
     "finetune.batch_size": 8,
-    "train.steps_per_execution": 1,
-    "train.shuffle_buffer": 64,
+    "training.steps_per_execution": 1,
+    "training.shuffle_buffer": 64,
     # params.yaml's strategies 2 and 3 count InceptionV3's layers; these are the CPU profile's for small_cnn.
     "strategies.2.trainable_base_layers": 2,
     "strategies.3.frozen_base_layers": 3,

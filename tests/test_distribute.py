@@ -43,7 +43,7 @@ def copy_of(project, destination, distribute: str):
     shutil.copytree(project, destination, ignore=shutil.ignore_patterns("models", "metrics", "checkpoints"))
     (destination / "metrics").mkdir()
     shutil.copy(project / "metrics/baseline.json", destination / "metrics")  # finetune reports its gain over it
-    set_params(destination / "params.yaml", {"train.distribute": distribute})
+    set_params(destination / "params.yaml", {"training.distribute": distribute})
     return destination
 
 
@@ -64,7 +64,7 @@ def test_mixed_precision_on_the_cpu_computes_in_bfloat16_and_predicts_in_float32
     import numpy as np
 
     project = copy_of(single, tmp_path / "mixed", "none")
-    set_params(project / "params.yaml", {"train.mixed_precision": True})
+    set_params(project / "params.yaml", {"training.mixed_precision": True})
     for stage in ("pretrain", "finetune"):
         run_stage(stage, project, check=True)
         report = metrics(project, stage)

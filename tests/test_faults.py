@@ -82,7 +82,7 @@ def kill_after_an_epoch(project: Path, stage: str, sent: int = signal.SIGKILL) -
 
 
 SETTINGS = {"pretrain.epochs": EPOCHS, "finetune.epochs": EPOCHS, "finetune.cache_features": False, "strategy": 2,
-            "train.deterministic": True}
+            "training.deterministic": True}
 
 
 @pytest.fixture(scope="module")

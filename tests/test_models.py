@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 from helpers import make_project, run_stage
 
-from stages.finetune import build_model, labelled_subset, train_and_evaluate
-from transfer.config import BASE_LAYERS, INCEPTION_MIN_SIZE, Strategy, load_params
+from transfer import strategies
+from transfer.config import INCEPTION_MIN_SIZE, Strategy, load_params
 from transfer.errors import PipelineError
-from transfer.models import base_of, build_base, classifier, count_params, freeze, frozen_prefix
-from transfer.records import open_split
-from transfer.training import set_up
+from transfer.models import base_of, build_base, classifier, count_params, frozen_prefix
+from transfer.runtime import set_up
+from transfer.strategies import BASE_LAYERS, freeze
+from transfer.training import PRETRAINED, Run, build_classifier, labelled_subset, train_classifier
 
 # The reference notebook's counts for InceptionV3 with 5 target classes.
 EXPECTED_TRAINABLE = {1: 262_917, 2: 263_109}
@@ -26,8 +27,8 @@ def inception():
 
 @pytest.mark.parametrize("strategy", [1, 2, 3])
 def test_inception_trainable_counts(inception, strategy):
-    strategies = load_params().strategies
-    freeze(base_of(inception), strategies[strategy])
+    entries = load_params().strategies
+    freeze(base_of(inception), entries[strategy], "inception_v3")
     trainable = count_params(inception.trainable_weights)
     if strategy in EXPECTED_TRAINABLE:
         assert trainable == EXPECTED_TRAINABLE[strategy]
@@ -38,9 +39,9 @@ def test_inception_trainable_counts(inception, strategy):
 
 def test_all_and_none(inception):
     base = base_of(inception)
-    freeze(base, Strategy(trainable_base_layers="all"))
+    freeze(base, Strategy(trainable_base_layers="all"), "inception_v3")
     assert count_params(inception.trainable_weights) == count_params(inception.weights) - _batchnorm_statistics(base)
-    freeze(base, Strategy(trainable_base_layers=0))
+    freeze(base, Strategy(trainable_base_layers=0), "inception_v3")
     assert count_params(inception.trainable_weights) == EXPECTED_TRAINABLE[1]
 
 
@@ -58,14 +59,14 @@ def test_base_layer_table_matches_the_backbones(backbone):
 ])
 def test_small_cnn_freezing(strategy, trainable):
     base = build_base("small_cnn", 32, "none")
-    freeze(base, strategy)
+    freeze(base, strategy, "small_cnn")
     assert [layer.trainable for layer in base.layers] == trainable
 
 
 @pytest.mark.parametrize("strategy", [Strategy(trainable_base_layers=10), Strategy(frozen_base_layers=249)])
 def test_freeze_refuses_more_layers_than_the_base_has(strategy):
     with pytest.raises(PipelineError, match="is more than small_cnn's 7 base layers"):
-        freeze(build_base("small_cnn", 32, "none"), strategy)
+        freeze(build_base("small_cnn", 32, "none"), strategy, "small_cnn")
 
 
 def _batchnorm_statistics(base) -> int:
@@ -75,7 +76,7 @@ def _batchnorm_statistics(base) -> int:
 
 @pytest.mark.parametrize("strategy", [1, 2])
 def test_prefix_and_suffix_compute_the_whole_model(inception, strategy):
-    freeze(base_of(inception), load_params().strategies[strategy])
+    freeze(base_of(inception), load_params().strategies[strategy], "inception_v3")
     prefix, suffix = frozen_prefix(inception)
     assert count_params(prefix.trainable_weights) == 0
     assert count_params(suffix.trainable_weights) == EXPECTED_TRAINABLE[strategy]
@@ -86,7 +87,7 @@ def test_prefix_and_suffix_compute_the_whole_model(inception, strategy):
 
 
 def test_nothing_to_cache_when_the_whole_base_trains(inception):
-    freeze(base_of(inception), Strategy(trainable_base_layers="all"))
+    freeze(base_of(inception), Strategy(trainable_base_layers="all"), "inception_v3")
     assert frozen_prefix(inception) is None
 
 
@@ -121,19 +122,15 @@ def test_cached_features_train_the_same_model_as_the_plain_path(inception_projec
     trained = {}
     for cache in (True, False):
         params = load_params()
-        params = params.model_copy(update={
-            "strategy": strategy,
-            "finetune": params.finetune.model_copy(update={"cache_features": cache}),
-        })
-        splits = {name: open_split(inception_project / "data/tfrecords", "target", name)
-                  for name in ("train", "val", "test")}
-        runtime = set_up(params.train, params.seed)
-        pretrained = keras.models.load_model("models/pretrained.keras")
-        model = build_model(params, pretrained, 5, 75)
-        before = [w.numpy().copy() for w in model.trainable_weights]
+        runtime = set_up(params.training, params.seed)
+        chosen = params.strategies[strategy]
         # No checkpoints: the plain run must not resume from anything.
-        model, _, evaluation, _, _ = train_and_evaluate(params, model, splits, None, runtime, None)
-        trained[cache] = (before, [w.numpy() for w in model.trainable_weights], evaluation)
+        run = Run(stage="finetune", task="target", init=PRETRAINED, strategy=chosen,
+                  settings=strategies.settings(params.finetune, chosen), seed=params.finetune.seed,
+                  cache_features=cache, checkpoints=False)
+        before = [w.numpy().copy() for w in build_classifier(run, params, 5, 75).trainable_weights]
+        result = train_classifier(run, params, runtime)
+        trained[cache] = (before, [w.numpy() for w in result.model.trainable_weights], result.evaluation)
     (before_cached, after_cached, eval_cached), (before_plain, after_plain, eval_plain) = trained[True], trained[False]
     for start_a, start_b in zip(before_cached, before_plain):
         np.testing.assert_array_equal(start_a, start_b)  # same seed, same fresh head

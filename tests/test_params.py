@@ -10,7 +10,8 @@ import pytest
 from dvc.utils.hydra import apply_overrides
 from helpers import ROOT, TINY_PARAMS, last_line, make_project, md5_of, run_stage, set_params
 
-from transfer.config import Strategy, describe_strategy, load_params
+from transfer import strategies
+from transfer.config import Strategy, load_params
 from transfer.errors import PipelineError
 
 BAD_PARAMS = [
@@ -36,7 +37,7 @@ BAD_PARAMS = [
      "(7 freezes the whole base: only the head trains)"),
     ({"model.backbone": "inception_v3", "preprocess.image_size": 75, "strategies.2.trainable_base_layers": 5000},
      "strategies.2.trainable_base_layers: 5000 is more than inception_v3's 311 base layers"),
-    ({"train.mixed_precision": "yes"}, "train.mixed_precision: got 'yes'; input should be 'auto', True or False"),
+    ({"training.mixed_precision": "yes"}, "training.mixed_precision: got 'yes'; input should be 'auto', True or False"),
 ]
 
 
@@ -61,7 +62,7 @@ def test_bad_params_are_named(tmp_path, overrides, message):
 def test_shipped_params_are_valid():
     params = load_params(ROOT / "params.yaml")
     assert params.strategy == 1 and params.chosen_strategy().trainable_base_layers == 0
-    assert params.finetune_settings().learning_rate == 0.001
+    assert strategies.settings(params.finetune, params.chosen_strategy()).learning_rate == 0.001
 
 
 def test_layer_count_errors_name_the_key_on_one_line(tmp_path):
@@ -84,9 +85,9 @@ def test_params_yaml_strategies_do_not_fit_small_cnn_alone(tmp_path):
 def test_every_count_up_to_the_base_is_allowed(tmp_path, count):
     params = params_copy(tmp_path, TINY_PARAMS, {"strategies.2.trainable_base_layers": count,
                                                  "strategies.3.frozen_base_layers": count})
-    strategies = load_params(params).strategies
-    assert strategies[2].first_trainable_layer("small_cnn", 7) == 7 - count
-    assert strategies[3].first_trainable_layer("small_cnn", 7) == count
+    entries = load_params(params).strategies
+    assert strategies.first_trainable_layer(entries[2], "small_cnn") == 7 - count
+    assert strategies.first_trainable_layer(entries[3], "small_cnn") == count
 
 
 @pytest.mark.parametrize("profile", ["cpu", "ci"])
@@ -96,7 +97,7 @@ def test_profiles_define_strategies_for_small_cnn(tmp_path, profile):
     profiled = params_copy(tmp_path)
     apply_overrides(profiled, arguments[1::2])
     params = load_params(profiled)
-    names = [describe_strategy(number, strategy, "small_cnn") for number, strategy in params.strategies.items()]
+    names = [strategies.describe(number, strategy, "small_cnn") for number, strategy in params.strategies.items()]
     assert params.model.backbone == "small_cnn"
     assert names == ["0: from scratch", "1: head only", "2: head + last 2 of small_cnn's 7 base layers",
                      "3: head + small_cnn's base layers 3 on (of 7), learning_rate 0.0001"]
@@ -119,7 +120,7 @@ DESCRIPTIONS = [
 
 @pytest.mark.parametrize(("number", "strategy", "backbone", "expected"), DESCRIPTIONS, ids=[d[3] for d in DESCRIPTIONS])
 def test_strategy_descriptions(number, strategy, backbone, expected):
-    assert describe_strategy(number, strategy, backbone) == expected
+    assert strategies.describe(number, strategy, backbone) == expected
 
 
 def test_md5_in_capitals_is_accepted_and_lowercased(tmp_path, tiny_archive):
@@ -130,7 +131,8 @@ def test_md5_in_capitals_is_accepted_and_lowercased(tmp_path, tiny_archive):
 
 
 def test_strategy_overrides_finetune_settings(tmp_path):
-    settings = load_params(params_copy(tmp_path, {"strategy": 3})).finetune_settings()
+    params = load_params(params_copy(tmp_path, {"strategy": 3}))
+    settings = strategies.settings(params.finetune, params.chosen_strategy())
     assert settings.learning_rate == 0.0001 and settings.epochs == 10
 
 
@@ -150,8 +152,8 @@ def test_missing_params_file(tmp_path):
 
 
 def test_xla_needs_determinism_off(tmp_path, tiny_archive):
-    project = make_project(tmp_path / "p", tiny_archive, {"train.jit_compile": True}, git=False)
+    project = make_project(tmp_path / "p", tiny_archive, {"training.jit_compile": True}, git=False)
     result = run_stage("pretrain", project)
     assert result.returncode == 1
-    assert last_line(result) == ("error: train.jit_compile=true needs train.deterministic=false: "
+    assert last_line(result) == ("error: training.jit_compile=true needs training.deterministic=false: "
                                  "Keras does not compile with XLA under TF op determinism")

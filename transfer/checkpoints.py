@@ -149,9 +149,9 @@ def save(checkpoints: Checkpoints, model: keras.Model, progress: Progress) -> No
         (latest / "state.json").write_text(json.dumps(state, indent=2))
 
 
-def finish(checkpoints: Checkpoints) -> None:
+def finish(stage: str) -> None:
     """The stage wrote its outputs: nothing is left to resume."""
-    remove(checkpoints.folder)
+    remove(CHECKPOINTS / stage)
 
 
 def _random_variables(model: keras.Model) -> list:

@@ -13,6 +13,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from transfer.errors import PipelineError
+from transfer.strategies import BASE_LAYERS, first_trainable_layer
 
 PARAMS_FILE = Path("params.yaml")
 CIFAR10_CLASSES = (
@@ -20,9 +21,6 @@ CIFAR10_CLASSES = (
     "dog", "frog", "horse", "ship", "truck",
 )
 INCEPTION_MIN_SIZE = 75
-# len(base.layers) of each backbone, input layer included, whatever the image size; strategies count
-# layers there. tests/test_models.py builds every backbone and checks this table.
-BASE_LAYERS = {"inception_v3": 311, "small_cnn": 7}
 
 ClassName = Literal[CIFAR10_CLASSES]  # type: ignore[valid-type]
 PositiveInt = Annotated[int, Field(ge=1)]
@@ -71,7 +69,7 @@ class Model(Section):
     dropout: Annotated[float, Field(ge=0, lt=1, strict=False)]
 
 
-class Train(Section):
+class Training(Section):
     shuffle_buffer: PositiveInt
     steps_per_execution: PositiveInt
     deterministic: bool
@@ -108,23 +106,6 @@ class Strategy(Section):
             raise ValueError("give exactly one of trainable_base_layers, frozen_base_layers")
         return self
 
-    def first_trainable_layer(self, backbone: str, base_layers: int) -> int:
-        """Index of the first base layer that trains; base_layers when only the head trains.
-
-        A count beyond the base is a ValueError starting with the key, rather than
-        silently training (or freezing) the whole base.
-        """
-        if self.trainable_base_layers == "all":
-            return 0
-        if self.frozen_base_layers is not None:
-            key, count = "frozen_base_layers", self.frozen_base_layers
-            fix = f"at most {base_layers} ({base_layers} freezes the whole base: only the head trains)"
-        else:
-            key, count, fix = "trainable_base_layers", self.trainable_base_layers, f'"all" or at most {base_layers}'
-        if count > base_layers:
-            raise ValueError(f"{key}: {count} is more than {backbone}'s {base_layers} base layers; use {fix}")
-        return count if key == "frozen_base_layers" else base_layers - count
-
 
 class Params(Section):
     seed: int
@@ -132,7 +113,7 @@ class Params(Section):
     data: Data
     preprocess: Preprocess
     model: Model
-    train: Train
+    training: Training
     pretrain: Optimisation
     finetune: Finetune
     strategies: dict[int, Strategy]  # integer keys: DVC sorts them and cannot mix types
@@ -154,41 +135,13 @@ class Params(Section):
             )
         for number, strategy in self.strategies.items():  # every entry: a sweep may pick any of them
             try:
-                strategy.first_trainable_layer(self.model.backbone, BASE_LAYERS[self.model.backbone])
+                first_trainable_layer(strategy, self.model.backbone)
             except ValueError as error:
                 raise ValueError(f"strategies.{number}.{error}") from None
         return self
 
     def chosen_strategy(self) -> Strategy:
         return self.strategies[self.strategy]
-
-    def finetune_settings(self) -> Optimisation:
-        """finetune's epochs, batch size and learning rate after the strategy's overrides."""
-        chosen = self.chosen_strategy()
-        return Optimisation(
-            epochs=chosen.epochs or self.finetune.epochs,
-            batch_size=chosen.batch_size or self.finetune.batch_size,
-            learning_rate=chosen.learning_rate or self.finetune.learning_rate,
-        )
-
-
-def describe_strategy(number: int, strategy: Strategy, backbone: str) -> str:
-    """Strategy `number` in words, for legends and reports: "2: head + last 2 of small_cnn's 7 base layers"."""
-    layers = BASE_LAYERS[backbone]
-    first = strategy.first_trainable_layer(backbone, layers)
-    if first == 0:
-        trains = "from scratch" if strategy.base_weights == "random" else "head + the whole base"
-    elif first == layers:
-        trains = "head only"
-    elif strategy.frozen_base_layers is not None:
-        trains = f"head + {backbone}'s base layers {first} on (of {layers})"
-    else:
-        trains = f"head + last {layers - first} of {backbone}'s {layers} base layers"
-    if strategy.base_weights == "random" and first > 0:
-        trains = f"random base, {trains}"
-    overrides = [f"{name} {value}" for name in ("epochs", "batch_size", "learning_rate")
-                 if (value := getattr(strategy, name)) is not None]
-    return ", ".join([f"{number}: {trains}", *overrides])
 
 
 def load_params(path: Path = PARAMS_FILE) -> Params:

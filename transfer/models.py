@@ -1,4 +1,4 @@
-"""The classifier: preprocessing -> base (backbone) -> head, and how its base is frozen.
+"""The classifier: preprocessing -> base (backbone) -> head; its frozen prefix; model files.
 
     inputs (0..255) -> preprocess -> base -> pool -> head_dense (relu) -> head_dropout -> predictions
 
@@ -9,12 +9,18 @@ recipe count layers there).
 
 from __future__ import annotations
 
+import tempfile
+import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import keras
 
-from transfer.config import Strategy
 from transfer.errors import PipelineError
+from transfer.outputs import atomic_output
+
+if TYPE_CHECKING:
+    from transfer.runtime import Runtime
 
 HEAD_AFTER_POOL = ("head_dense", "head_dropout", "predictions")
 WEIGHTS_HINT = "use -S model.weights=none (random initialisation) or a path to a weights file"
@@ -88,18 +94,6 @@ def classifier(
     return keras.Model(inputs, outputs, name=f"{backbone}_classifier")
 
 
-def freeze(base: keras.Model, strategy: Strategy) -> None:
-    """Make the base's layers trainable or not as the strategy says (the head always trains)."""
-    layers = base.layers
-    try:
-        first_trainable = strategy.first_trainable_layer(base.name, len(layers))
-    except ValueError as error:  # params validation catches this first; a Strategy made in code may not
-        raise PipelineError(str(error)) from None
-    base.trainable = True
-    for index, layer in enumerate(layers):
-        layer.trainable = index >= first_trainable
-
-
 def count_params(variables) -> int:
     return int(sum(variable.numpy().size for variable in variables))
 
@@ -155,3 +149,31 @@ def _tensors_entering(suffix_layers: list) -> list:
 def base_of(model: keras.Model) -> keras.Model:
     """The backbone nested inside a classifier."""
     return next(layer for layer in model.layers if isinstance(layer, keras.Model))
+
+
+def save_model(model: keras.Model, path: Path, runtime: Runtime) -> None:
+    """Write the model whole or not at all; only the chief's copy is kept.
+
+    Across workers saving reads variables collectively, so every worker must save:
+    the others write into a temporary folder that is deleted at once.
+    """
+    if runtime.chief:
+        with atomic_output(path) as temporary:
+            model.save(temporary)
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        model.save(Path(folder) / path.name)
+
+
+def load_model(path: Path, made_by: str) -> keras.Model:
+    """A model a stage wrote; a missing or unreadable file is one line naming it and the stage to rerun."""
+    if not path.is_file():
+        raise PipelineError(f"{path} not found: run the {made_by} stage (dvc repro)")
+    # Keras calls a file that is no zip archive "not found"; say what is really wrong.
+    reason = None if zipfile.is_zipfile(path) else "not a zip archive, as a .keras file is"
+    if reason is None:
+        try:
+            return keras.models.load_model(path)
+        except Exception as error:  # Keras raises ValueError, OSError, KeyError... for a damaged file
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    raise PipelineError(f"{path} is not a readable Keras model ({reason}); rerun the {made_by} stage")

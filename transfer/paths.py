@@ -1,20 +1,42 @@
-"""Where the pipeline's files live, relative to the project root (dvc.yaml's folder)."""
+"""Where the pipeline's files live, relative to the project root (dvc.yaml's folder), and what they hold.
+
+dvc.yaml names the same files: a stage's outputs there are these paths.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+TASKS = ("source", "target")  # pretrain learns the source task, finetune and baseline the target task
+SPLITS = ("train", "val", "test")
+
 DATA = Path("data")
 ARCHIVE = DATA / "cifar-10-python.tar.gz"
 SPLIT = DATA / "split"
 RECORDS = DATA / "tfrecords"
+
 MODELS = Path("models")
 PRETRAINED_MODEL = MODELS / "pretrained.keras"
 FINETUNED_MODEL = MODELS / "finetuned.keras"
-CHECKPOINTS = Path("checkpoints")
+CHECKPOINTS = Path("checkpoints")  # checkpoints/<stage>: the resume state of an interrupted training stage
+
 METRICS = Path("metrics")
-BASELINE_METRICS = METRICS / "baseline.json"
 FIGURES = METRICS / "figures"
+LABEL_EFFICIENCY_TABLE = METRICS / "label_efficiency.csv"
+LABEL_EFFICIENCY_PLOT = METRICS / "label_efficiency.png"
+
+
+def metrics_file(stage: str) -> Path:
+    """The metrics JSON of a training stage: pretrain, baseline or finetune."""
+    return METRICS / f"{stage}.json"
+
+
+def history_file(stage: str) -> Path:
+    """Per-epoch loss and accuracy of a training stage, for DVC's plots."""
+    return METRICS / f"{stage}_history.csv"
+
+
+PREDICTIONS = METRICS / "finetune_predictions.csv"  # one row per target test image: actual, predicted
 
 
 def resolve_local(path: str | Path) -> Path:
