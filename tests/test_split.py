@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from helpers import last_line, make_project, run_stage
 
-from stages.split import split_task
 from transfer.cifar10 import read_archive
 from transfer.errors import PipelineError
+from transfer.tasks import split_task
 
 SOURCE = ["airplane", "automobile", "bird", "cat", "deer"]
 TARGET = ["dog", "frog", "horse", "ship", "truck"]
