@@ -14,15 +14,11 @@ from __future__ import annotations
 
 import time
 
-import keras
-
-from benchmarks.common import archive_share, arguments, report, workspace
-from stages import download, preprocess, pretrain, split
-from stages.finetune import build_model, train_and_evaluate
+from benchmarks.common import archive_share, arguments, report, run_stages, workspace
+from transfer import strategies
 from transfer.config import load_params
-from transfer.paths import PRETRAINED_MODEL, RECORDS
-from transfer.records import open_split
-from transfer.training import set_up
+from transfer.runtime import set_up
+from transfer.training import PRETRAINED, Run, open_task, train_classifier
 
 
 def main() -> None:
@@ -41,21 +37,21 @@ def main() -> None:
         "pretrain.epochs": args.pretrain_epochs,
         "finetune.epochs": args.epochs, "strategy": args.strategy,
     })
-    for stage in (download, split, preprocess, pretrain):
-        stage.main()
+    run_stages("download", "split", "preprocess", "pretrain")
 
+    splits = open_task("target")
     results = {}
     for cache in (False, True):
         params = load_params()
-        params = params.model_copy(update={"finetune": params.finetune.model_copy(update={"cache_features": cache})})
-        splits = {name: open_split(RECORDS, "target", name) for name in ("train", "val", "test")}
-        runtime = set_up(params.train, params.finetune.seed)
-        model = build_model(params, keras.models.load_model(PRETRAINED_MODEL), len(splits["train"].classes),
-                            args.image_size)
-        started = time.perf_counter()
+        runtime = set_up(params.training, params.finetune.seed)
+        chosen = params.chosen_strategy()
         # No checkpoints: the comparison is of training, not of saving models.
-        _, _, evaluation, _, _ = train_and_evaluate(params, model, splits, None, runtime, resumable=None)
-        results["cached" if cache else "plain"] = (time.perf_counter() - started, evaluation["test"]["accuracy"])
+        run = Run(stage="finetune", init=PRETRAINED, strategy=chosen,
+                  settings=strategies.settings(params.finetune, chosen), seed=params.finetune.seed,
+                  cache_features=cache, checkpoints=False)
+        started = time.perf_counter()
+        result = train_classifier(run, splits, params, runtime)  # timed: building the model, training, evaluating
+        results["cached" if cache else "plain"] = (time.perf_counter() - started, result.evaluation["test"]["accuracy"])
     (plain_seconds, plain_accuracy), (cached_seconds, cached_accuracy) = results["plain"], results["cached"]
     report({"benchmark": "finetune_cache", "backbone": args.backbone, "image_size": args.image_size,
             "strategy": args.strategy, "epochs": args.epochs, "fraction": args.fraction,

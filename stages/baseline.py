@@ -17,7 +17,7 @@ from transfer.outputs import write_json
 from transfer.paths import history_file, metrics_file
 from transfer.reports import metrics_report, write_history
 from transfer.runtime import set_up
-from transfer.training import Run, train_classifier
+from transfer.training import Run, open_task, train_classifier
 
 STAGE = "baseline"
 
@@ -27,10 +27,10 @@ def main() -> None:
     params = load_params()
     strategy = strategies.baseline(params)
     runtime = set_up(params.training, params.finetune.seed)  # first: a multi-worker distribution must exist
-    run = Run(stage=STAGE, task="target", init="none", strategy=strategy,
+    run = Run(stage=STAGE, init="none", strategy=strategy,
               settings=strategies.settings(params.finetune, strategy), seed=params.finetune.seed,
               labels_per_class=params.data.target_labels_per_class, cache_features=params.finetune.cache_features)
-    result = train_classifier(run, params, runtime)
+    result = train_classifier(run, open_task("target"), params, runtime)
     if not runtime.chief:
         return
     write_history(history_file(STAGE), result.progress.history)

@@ -20,7 +20,7 @@ from transfer.outputs import write_json
 from transfer.paths import FINETUNED_MODEL, PREDICTIONS, history_file, metrics_file
 from transfer.reports import metrics_report, read_metrics, write_history, write_predictions
 from transfer.runtime import set_up
-from transfer.training import PRETRAINED, Run, train_classifier
+from transfer.training import PRETRAINED, Run, open_task, train_classifier
 
 STAGE = "finetune"
 
@@ -30,11 +30,12 @@ def main() -> None:
     params = load_params()
     strategy = params.chosen_strategy()
     runtime = set_up(params.training, params.finetune.seed)  # first: a multi-worker distribution must exist
+    splits = open_task("target")  # every shard read once: a damaged one is named before anything else
     baseline = read_metrics(metrics_file("baseline"), made_by="baseline")
-    run = Run(stage=STAGE, task="target", init=PRETRAINED if strategy.base_weights == "pretrained" else "none",
+    run = Run(stage=STAGE, init=PRETRAINED if strategy.base_weights == "pretrained" else "none",
               strategy=strategy, settings=strategies.settings(params.finetune, strategy), seed=params.finetune.seed,
               labels_per_class=params.data.target_labels_per_class, cache_features=params.finetune.cache_features)
-    result = train_classifier(run, params, runtime)
+    result = train_classifier(run, splits, params, runtime)
     save_model(result.model, FINETUNED_MODEL, runtime)
     if not runtime.chief:
         print(f"{STAGE}: training done; the chief writes the outputs")

@@ -16,7 +16,7 @@ from transfer.outputs import write_json
 from transfer.paths import PRETRAINED_MODEL, history_file, metrics_file
 from transfer.reports import metrics_report, write_history
 from transfer.runtime import set_up
-from transfer.training import Run, train_classifier
+from transfer.training import Run, open_task, train_classifier
 
 STAGE = "pretrain"
 
@@ -25,9 +25,9 @@ def main() -> None:
     started = time.perf_counter()
     params = load_params()
     runtime = set_up(params.training, params.seed)  # first: a multi-worker distribution must exist before TF starts
-    run = Run(stage=STAGE, task="source", init=params.model.weights, strategy=None, settings=params.pretrain,
+    run = Run(stage=STAGE, init=params.model.weights, strategy=None, settings=params.pretrain,
               seed=params.seed)
-    result = train_classifier(run, params, runtime)
+    result = train_classifier(run, open_task("source"), params, runtime)
     save_model(result.model, PRETRAINED_MODEL, runtime)
     if not runtime.chief:
         print(f"{STAGE}: training done; the chief evaluates and writes the outputs")

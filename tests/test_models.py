@@ -13,7 +13,7 @@ from transfer.errors import PipelineError
 from transfer.models import base_of, build_base, classifier, count_params, frozen_prefix
 from transfer.runtime import set_up
 from transfer.strategies import BASE_LAYERS, freeze
-from transfer.training import PRETRAINED, Run, build_classifier, labelled_subset, train_classifier
+from transfer.training import PRETRAINED, Run, build_classifier, labelled_subset, open_task, train_classifier
 
 # The reference notebook's counts for InceptionV3 with 5 target classes.
 EXPECTED_TRAINABLE = {1: 262_917, 2: 263_109}
@@ -125,11 +125,11 @@ def test_cached_features_train_the_same_model_as_the_plain_path(inception_projec
         runtime = set_up(params.training, params.seed)
         chosen = params.strategies[strategy]
         # No checkpoints: the plain run must not resume from anything.
-        run = Run(stage="finetune", task="target", init=PRETRAINED, strategy=chosen,
+        run = Run(stage="finetune", init=PRETRAINED, strategy=chosen,
                   settings=strategies.settings(params.finetune, chosen), seed=params.finetune.seed,
                   cache_features=cache, checkpoints=False)
         before = [w.numpy().copy() for w in build_classifier(run, params, 5, 75).trainable_weights]
-        result = train_classifier(run, params, runtime)
+        result = train_classifier(run, open_task("target"), params, runtime)
         trained[cache] = (before, [w.numpy() for w in result.model.trainable_weights], result.evaluation)
     (before_cached, after_cached, eval_cached), (before_plain, after_plain, eval_plain) = trained[True], trained[False]
     for start_a, start_b in zip(before_cached, before_plain):

@@ -3,10 +3,10 @@
 pretrain, baseline and finetune are each one `Run` of `train_classifier`, as nanoGPT's
 train.py is one script for every `init_from`:
 
-    stage      task    init                          freezing
-    pretrain   source  model.weights (imagenet/none/file)   none: the whole network trains
-    baseline   target  random weights                strategies.0
-    finetune   target  models/pretrained.keras       strategies[strategy]
+    stage      task    init                                 freezing
+    pretrain   source  model.weights (imagenet, none, a file)   none: the whole network trains
+    baseline   target  random weights                       strategies.0
+    finetune   target  models/pretrained.keras              strategies[strategy]
 
 The trainer builds the classifier (a fresh head on the base), freezes it, caches the
 frozen prefix's output when it can (the same model as training through it, many times
@@ -42,7 +42,6 @@ class Run:
     """What a training stage asks of the trainer."""
 
     stage: str  # pretrain, baseline or finetune: its checkpoint folder and its identity in dvc.yaml
-    task: str  # source or target
     init: str  # where the base starts: PRETRAINED, or a model.weights value (imagenet, none, a weights file)
     strategy: Strategy | None  # which base layers train; None: the whole network (pretraining)
     settings: Optimisation  # epochs, batch size, learning rate
@@ -66,9 +65,9 @@ class Result:
     test_predicted: np.ndarray | None = None
 
 
-def train_classifier(run: Run, params: Params, runtime: Runtime) -> Result:
-    """Build, freeze, train (resuming an interrupted run of the same stage) and evaluate `run`."""
-    splits = open_task(run.task)
+def train_classifier(run: Run, splits: dict[str, Split], params: Params, runtime: Runtime) -> Result:
+    """Build, freeze, train on `splits` (see open_task), resuming an interrupted run of the same stage, and
+    evaluate."""
     train = splits["train"]
     resumable = checkpoints.for_stage(run.stage) if run.checkpoints else None
     with runtime.distribution.scope():
