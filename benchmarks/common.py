@@ -1,4 +1,4 @@
-"""What every benchmark shares: a scratch project on the real CIFAR-10 copy, and the RESULT line."""
+"""What every benchmark shares: a scratch project on the real CIFAR-10 copy, its stages run, and the RESULT line."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +34,7 @@ SMALL_CNN_STRATEGIES = {"strategies.2.trainable_base_layers": 2, "strategies.3.f
 # What a stage reads from the project root: its params, and dvc.yaml with the code it names (a training
 # stage's checkpoint identity is everything dvc.yaml lists for it).
 PROJECT_FILES = ("params.yaml", "dvc.yaml", "stages", "transfer")
+STDERR_TAIL_LINES = 20  # enough for a Python traceback's last frames and the error itself
 
 
 def workspace(name: str, args: argparse.Namespace, overrides: dict[str, object]) -> Path:
@@ -49,6 +52,20 @@ def workspace(name: str, args: argparse.Namespace, overrides: dict[str, object])
                                              **(SMALL_CNN_STRATEGIES if small_cnn else {}), **overrides})
     os.chdir(folder)
     return folder
+
+
+def run_stages(*names: str) -> None:
+    """Run the named pipeline stages in order, in the working directory (a workspace), as dvc.yaml runs them.
+
+    A subprocess each, `python -m stages.<name>`, so that a benchmark builds its data with the workspace's own
+    copy of the stages and never imports them. Their messages pass through; a failure ends the benchmark with
+    the stage's last lines of stderr.
+    """
+    for name in names:
+        result = subprocess.run([sys.executable, "-m", f"stages.{name}"], stderr=subprocess.PIPE, text=True)
+        if result.returncode != 0:
+            tail = "\n".join(result.stderr.strip().splitlines()[-STDERR_TAIL_LINES:])
+            raise SystemExit(f"benchmark: `python -m stages.{name}` failed (exit code {result.returncode}):\n{tail}")
 
 
 def archive_share(source: Path, fraction: float, folder: Path) -> tuple[Path, str]:

@@ -1,22 +1,21 @@
 #!/usr/bin/env bash
 # What TF op determinism costs: the pretrain stage of the CPU profile (full CIFAR-10, small_cnn at 32 px, no XLA,
-# 3 epochs) with train.deterministic true and false, twice each, in a throwaway copy of the project.
+# 3 epochs) with training.deterministic true and false, twice each, in a throwaway copy of the project.
 # Usage: bash benchmarks/determinism.sh [folder]   (run from the project root, with the venv active)
 set -euo pipefail
-root=$(pwd)
 work=${1:-$(mktemp -d)}
-python - "$root" "$work/p" <<'PY'
+# The workspace and its data as every benchmark builds them (benchmarks/common.py), at profiles/cpu.args' settings;
+# the stages' messages are not the result.
+python - "$work" > /dev/null <<'PY'
 import sys
-from pathlib import Path
-sys.path.insert(0, str(Path(sys.argv[1]) / "tests"))
-from helpers import make_project
-make_project(Path(sys.argv[2]), (Path(sys.argv[1]) / "../shared/datasets/cifar-10-python.tar.gz").resolve(), {
-    "pretrain.epochs": 3, "pretrain.batch_size": 32, "pretrain.learning_rate": 0.0005,
-    "train.steps_per_execution": 15, "train.shuffle_buffer": 10000, "train.jit_compile": False,
-    "model.head_units": 128}, git=False)
+from benchmarks.common import arguments, run_stages, workspace
+args = arguments("determinism").parse_args(["--workdir", sys.argv[1]])
+workspace("p", args, {"model.backbone": "small_cnn", "model.weights": "none", "preprocess.image_size": 32,
+                      "preprocess.encoding": "raw", "pretrain.learning_rate": 0.0005, "pretrain.epochs": 3,
+                      "training.jit_compile": False})
+run_stages("download", "split", "preprocess")
 PY
 cd "$work/p"
-for stage in download split preprocess; do python -m stages.$stage > /dev/null; done
 for order in "true false" "false true"; do
   for deterministic in $order; do
     rm -rf checkpoints

@@ -13,13 +13,13 @@ import time
 import keras
 import tensorflow as tf
 
-from benchmarks.common import arguments, report, workspace
-from stages import download, preprocess, split
+from benchmarks.common import arguments, report, run_stages, workspace
 from transfer.config import load_params
 from transfer.models import build_base, classifier
 from transfer.paths import RECORDS
 from transfer.records import dataset, open_split
-from transfer.training import compile_model, set_up
+from transfer.runtime import set_up
+from transfer.training import compile_model
 
 
 def images_per_second(model: keras.Model, data: tf.data.Dataset, images: int, epochs: int) -> float:
@@ -41,14 +41,12 @@ def main() -> None:
         "model.backbone": args.backbone, "model.weights": "none", "preprocess.image_size": args.image_size,
         "preprocess.encoding": args.encoding, "data.max_per_class": args.per_class,
     })
-    download.main()
-    split.main()
-    preprocess.main()
+    run_stages("download", "split", "preprocess")
     params = load_params()
-    runtime = set_up(params.train, params.seed)
+    runtime = set_up(params.training, params.seed)
     train = open_split(RECORDS, "source", "train")
     batch = params.pretrain.batch_size
-    records = dataset(train, batch, shuffle_buffer=params.train.shuffle_buffer, seed=params.seed)
+    records = dataset(train, batch, shuffle_buffer=params.training.shuffle_buffer, seed=params.seed)
     steps = -(-train.count // batch)
     images, labels = next(iter(records))
     synthetic = tf.data.Dataset.from_tensors((images, labels)).repeat(steps)
@@ -58,7 +56,7 @@ def main() -> None:
         keras.utils.set_random_seed(params.seed)
         model = classifier(build_base(args.backbone, args.image_size, "none"), args.backbone, len(train.classes),
                            params.model.head_units, params.model.dropout, base_training=None)
-        compile_model(model, params.pretrain.learning_rate, params.train, runtime)
+        compile_model(model, params.pretrain.learning_rate, params.training, runtime)
         rates[name] = images_per_second(model, data, steps * batch, args.epochs)
     report({"benchmark": "input_pipeline", "backbone": args.backbone, "image_size": args.image_size,
             "encoding": args.encoding, "batch_size": batch, "images_per_epoch": steps * batch,

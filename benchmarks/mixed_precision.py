@@ -1,4 +1,4 @@
-"""Mixed precision on the CPU: images/s in float32, bfloat16 (`train.mixed_precision: true` on a CPU) and float16.
+"""Mixed precision on the CPU: images/s in float32, bfloat16 (`training.mixed_precision: true` on a CPU) and float16.
 
 The same classifier (InceptionV3, random weights) on in-memory synthetic images:
 inference at the feature-cache batch size, and training of the whole network.
@@ -16,8 +16,8 @@ import numpy as np
 import tensorflow as tf
 
 from benchmarks.common import arguments, report
+from transfer.evaluation import EVAL_BATCH
 from transfer.models import build_base, classifier
-from transfer.training import EVAL_BATCH
 
 
 def rates(image_size: int, batches: int, train: bool = True) -> tuple[float, float | None]:

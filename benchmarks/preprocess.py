@@ -9,12 +9,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import arguments, report, workspace
-from stages import download, split
-from stages.preprocess import plan_shards, write_all
+from benchmarks.common import arguments, report, run_stages, workspace
 from transfer.config import load_params
 from transfer.paths import SPLIT
 from transfer.records import cpu_count
+from transfer.sharding import plan_shards, write_all
 
 
 def main() -> None:
@@ -26,8 +25,7 @@ def main() -> None:
     workspace("preprocess", args, {"data.max_per_class": args.per_class, "preprocess.image_size": args.image_size,
                                    "preprocess.encoding": args.encoding,
                                    "model.backbone": "small_cnn", "model.weights": "none"})  # any size allowed
-    download.main()
-    split.main()
+    run_stages("download", "split")
     settings = load_params().preprocess
     rates = {}
     for workers in (1, cpu_count()):

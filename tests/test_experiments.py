@@ -9,8 +9,9 @@ import time
 import pytest
 from helpers import make_project, run
 
-from stages.label_efficiency import experiments as all_experiments
-from stages.label_efficiency import queue_workers_running
+from tools.dvc import queue_workers_running
+from tools.label_efficiency import experiments as all_experiments
+from transfer.paths import metrics_file
 
 QUEUE_DEADLINE_S = 900  # a stuck queue worker fails the test instead of hanging it
 COMPARISON_COLUMNS = ("(Experiment|(params.yaml:)?strategy|(metrics/finetune.json:)?(trainable_params|test.accuracy"
@@ -30,7 +31,7 @@ def wait_for_queue(project) -> str:
 def experiments(project) -> dict[str, dict]:
     """{experiment name: its finetune metrics} from `dvc exp show --json`."""
     shown = json.loads(run(["dvc", "exp", "show", "--json"], project).stdout)
-    return {revision["name"]: revision["data"]["metrics"]["metrics/finetune.json"]["data"]
+    return {revision["name"]: revision["data"]["metrics"][metrics_file("finetune").as_posix()]["data"]
             for revision in all_experiments(shown)}
 
 
@@ -110,7 +111,7 @@ def test_plots_show_draws_curves_confusion_and_figures(two_commits):
 def test_report_shows_changed_metrics_params_and_plots(two_commits, tmp_path):
     project, (first, second) = two_commits
     output = tmp_path / "out" / "report.md"
-    run([sys.executable, "-m", "stages.report", "--base", first, "--target", second, "--output", str(output)], project)
+    run([sys.executable, "-m", "tools.report", "--base", first, "--target", second, "--output", str(output)], project)
     report = output.read_text()
     rows = [line for line in report.splitlines() if line.startswith("|")]
     assert any("params.yaml" in row and "| strategy " in row and "| 1 " in row and "| 2 " in row for row in rows)
@@ -124,7 +125,7 @@ def test_report_shows_changed_metrics_params_and_plots(two_commits, tmp_path):
 
 def test_report_names_an_unknown_base(queued, tmp_path):
     project, _ = queued
-    result = run([sys.executable, "-m", "stages.report", "--base", "no-such-rev", "--output",
+    result = run([sys.executable, "-m", "tools.report", "--base", "no-such-rev", "--output",
                   str(tmp_path / "r.md")], project, check=False)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith("error: `dvc metrics diff no-such-rev --md` failed")

@@ -7,9 +7,13 @@ import sys
 
 import matplotlib.pyplot as plt
 import pandas as pd
+import pytest
 from helpers import make_project, run, run_stage
 
-from stages.label_efficiency import collect, plot
+from tools.dvc import dvc
+from tools.label_efficiency import collect, plot
+from transfer.errors import PipelineError
+from transfer.paths import LABEL_EFFICIENCY_PLOT, LABEL_EFFICIENCY_TABLE, PREDICTIONS, metrics_file
 
 
 def test_subset_trains_on_few_labels_and_evaluates_on_everything(tmp_path, tiny_archive):
@@ -17,9 +21,9 @@ def test_subset_trains_on_few_labels_and_evaluates_on_everything(tmp_path, tiny_
     for stage in ("download", "split", "preprocess", "pretrain", "baseline", "finetune"):
         run_stage(stage, project, check=True)
     for name in ("finetune", "baseline"):
-        metrics = json.loads((project / f"metrics/{name}.json").read_text())
+        metrics = json.loads((project / metrics_file(name)).read_text())
         assert metrics["train_images"] == 15  # 3 per class, class-balanced
-    test_rows = (project / "metrics/finetune_predictions.csv").read_text().splitlines()[1:]
+    test_rows = (project / PREDICTIONS).read_text().splitlines()[1:]
     assert len(test_rows) == 20  # the whole target test split, untouched by the subset
 
 
@@ -28,16 +32,16 @@ def test_sweep_collects_one_row_per_strategy_labels_and_seed(tmp_path, tiny_arch
     run(["dvc", "repro"], project)
     run(["git", "add", "-A"], project)
     run(["git", "commit", "-qm", "baseline"], project)
-    result = run([sys.executable, "-m", "stages.label_efficiency", "--run",
+    result = run([sys.executable, "-m", "tools.label_efficiency", "--run",
                   "--labels", "2,null", "--strategies", "1,2", "--seeds", "7"], project)
-    table = pd.read_csv(project / "metrics/label_efficiency.csv")
+    table = pd.read_csv(project / LABEL_EFFICIENCY_TABLE)
     assert len(table) == 6, result.stdout  # strategies 1 and 2, and the baseline (0), at two label counts
     assert not table.duplicated(["strategy", "labels_per_class", "seed"]).any()
     assert set(table["images_per_class"]) == {2, 11}
     assert set(table["strategy"]) == {0, 1, 2} and set(table["seed"]) == {7}
     assert set(table["strategy_name"]) == {"0: from scratch", "1: head only",
                                            "2: head + last 2 of small_cnn's 7 base layers"}
-    assert (project / "metrics/label_efficiency.png").read_bytes()[:4] == b"\x89PNG"
+    assert (project / LABEL_EFFICIENCY_PLOT).read_bytes()[:4] == b"\x89PNG"
 
 
 def shown_experiment(name: str, strategy: int, strategies: dict, accuracy: float) -> dict:
@@ -74,3 +78,12 @@ def test_strategies_are_named_from_each_experiments_params(tmp_path, monkeypatch
     assert legend == ["0: from scratch (1 seeds)",
                       "3: head + small_cnn's base layers 3 on (of 7), learning_rate 0.0001 (1 seeds)",
                       "3: head + small_cnn's base layers 5 on (of 7) (1 seeds)"]
+
+
+def test_a_failed_dvc_command_is_one_line_naming_it_up_to_its_overrides(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # not a DVC project
+    with pytest.raises(PipelineError) as raised:
+        dvc("exp", "run", "--queue", "-S", "strategy=1,2", "-S", "finetune.seed=1,2,3")
+    message = str(raised.value)
+    assert message.startswith("`dvc exp run --queue ...` failed: ERROR: you are not inside of a DVC repository")
+    assert "\n" not in message and "strategy=" not in message  # a profile's overrides would run on for lines

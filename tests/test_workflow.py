@@ -36,7 +36,7 @@ def test_runs_on_pull_requests_and_may_comment():
 def test_every_module_and_file_it_names_exists():
     text = scripts()
     modules = re.findall(r"python -m ([\w.]+)", text)
-    assert "stages.report" in modules
+    assert "tools.report" in modules
     for module in modules:
         assert (ROOT / (module.replace(".", "/") + ".py")).is_file(), module
     for path in re.findall(r"\b(profiles/[\w.]+)", text):

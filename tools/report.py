@@ -1,6 +1,6 @@
 """The pull-request report: what changed between two revisions, as Markdown.
 
-    python -m stages.report --base main [--target REV] [--output report.md]
+    python -m tools.report --base main [--target REV] [--output report.md]
 
 It asks the dvc CLI itself: `dvc metrics diff --md`, `dvc params diff --md`
 and `dvc plots diff --json`. Without --target the workspace is compared (what
@@ -14,22 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 from collections import defaultdict
 from pathlib import Path
 
-from transfer.errors import PipelineError, run_stage
+from tools.dvc import dvc
+from transfer.errors import run_stage
 from transfer.outputs import remove, write_text
-
-
-def dvc(*arguments: str) -> str:
-    """stdout of a dvc command; a failure is a PipelineError naming the command and dvc's last word."""
-    command = ["dvc", *arguments]
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0:
-        lines = (result.stderr.strip() or result.stdout.strip() or "no output").splitlines()
-        raise PipelineError(f"`{' '.join(command)}` failed: {lines[-1]}")
-    return result.stdout
 
 
 def changed_plots(plots: dict, order: list[str], report_dir: Path) -> tuple[list[str], dict[str, list]]:

@@ -1,7 +1,7 @@
 """When does transfer pay off? Sweep labels per class x strategy x seed as DVC experiments.
 
-    python -m stages.label_efficiency --run $(cat profiles/cpu.args)   # queue, run and collect
-    python -m stages.label_efficiency                                   # collect what `dvc exp show` has
+    python -m tools.label_efficiency --run $(cat profiles/cpu.args)   # queue, run and collect
+    python -m tools.label_efficiency                                   # collect what `dvc exp show` has
 
 The sweep queues one DVC experiment per (strategy, data.target_labels_per_class,
 finetune.seed) with `dvc exp run --queue` and runs the queue. Each experiment
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,51 +23,34 @@ from pathlib import Path
 import pandas as pd
 from pydantic import ValidationError
 
-from transfer.config import Strategy, describe, describe_strategy
+from tools.dvc import dvc, queue_workers_running
+from transfer.config import Strategy, describe
 from transfer.errors import PipelineError, run_stage
 from transfer.outputs import atomic_output, write_text
-from transfer.paths import METRICS
+from transfer.paths import LABEL_EFFICIENCY_PLOT, LABEL_EFFICIENCY_TABLE, metrics_file
+from transfer.strategies import describe as describe_strategy
 
-TABLE = METRICS / "label_efficiency.csv"
-PLOT = METRICS / "label_efficiency.png"
 ALL = "null"  # every labelled image
+# Keys of `dvc exp show --json`'s metrics: the files as dvc.yaml names them.
+FINETUNE_METRICS, BASELINE_METRICS = metrics_file("finetune").as_posix(), metrics_file("baseline").as_posix()
 
 
 def queue(labels: list[str], strategies: list[str], seeds: list[str], extra: list[str]) -> None:
     """Queue the grid; DVC expands comma-separated -S values into every combination."""
-    command = ["dvc", "exp", "run", "--queue", *extra,
-               "-S", f"data.target_labels_per_class={','.join(labels)}",
-               "-S", f"strategy={','.join(strategies)}",
-               "-S", f"finetune.seed={','.join(seeds)}"]
-    _dvc(command)
+    dvc("exp", "run", "--queue", *extra,
+        "-S", f"data.target_labels_per_class={','.join(labels)}",
+        "-S", f"strategy={','.join(strategies)}",
+        "-S", f"finetune.seed={','.join(seeds)}")
 
 
 def run_queue(jobs: int, poll_seconds: float = 2.0) -> None:
     """Start the queue workers and wait until they leave (they do once the queue is empty)."""
-    _dvc(["dvc", "queue", "start", "--jobs", str(jobs)])
+    dvc("queue", "start", "--jobs", str(jobs))
     while queue_workers_running(Path(".")):
         time.sleep(poll_seconds)
-    failed = [line for line in _dvc(["dvc", "queue", "status"]).splitlines() if "Failed" in line]
+    failed = [line for line in dvc("queue", "status").splitlines() if "Failed" in line]
     if failed:
         print(f"label_efficiency: {len(failed)} experiment(s) failed; see `dvc queue logs <name>`")
-
-
-def queue_workers_running(project: Path) -> bool:
-    """Whether a `dvc queue` worker of `project` is alive: a worker pid file naming a live process.
-
-    Pid files rather than `dvc queue status`: frequent status calls can race with a
-    worker on DVC's file-system broker and stop it (treeverse/dvc-task#73).
-    """
-    pid_files = (project / ".dvc/tmp/exps/celery").glob("dvc-exp-worker-*.pid")
-    return any(Path(f"/proc/{pid.read_text().strip()}").exists() for pid in pid_files if pid.is_file())
-
-
-def _dvc(command: list[str]) -> str:
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0:
-        last = (result.stderr.strip() or result.stdout.strip()).splitlines()[-1:]
-        raise PipelineError(f"`{' '.join(command[:4])} ...` failed: {last[0] if last else result.returncode}")
-    return result.stdout
 
 
 def experiments(shown: list[dict]) -> Iterator[dict]:
@@ -94,7 +76,7 @@ def collect(shown: list[dict]) -> pd.DataFrame:
         metrics = data.get("metrics", {})
         if not params:
             continue
-        for file, strategy in (("metrics/finetune.json", params["strategy"]), ("metrics/baseline.json", 0)):
+        for file, strategy in ((FINETUNE_METRICS, params["strategy"]), (BASELINE_METRICS, 0)):
             result = metrics.get(file, {}).get("data")
             if not result or "test" not in result:
                 continue
@@ -116,7 +98,7 @@ def collect(shown: list[dict]) -> pd.DataFrame:
                 "timestamp": data.get("timestamp") or "",
             })
     if not rows:
-        raise PipelineError("no finished experiments with metrics/finetune.json in `dvc exp show`; run the sweep first")
+        raise PipelineError(f"no finished experiments with {FINETUNE_METRICS} in `dvc exp show`; run the sweep first")
     table = pd.DataFrame(rows).sort_values("timestamp")
     # A point run twice (or a baseline seen by several experiments) keeps its latest result;
     # one number defined two ways (say, by another profile) stays two strategies.
@@ -162,19 +144,19 @@ def main() -> None:
     if args.run:
         # Queued experiments start from the workspace: bring its pipeline up to date with the same
         # overrides first, so that every experiment finds pretrain done in the cache and reruns finetune alone.
-        _dvc(["dvc", "exp", "run", *extra])
+        dvc("exp", "run", *extra)
         queue(args.labels.split(","), args.strategies.split(","), args.seeds.split(","), extra)
         run_queue(args.jobs)
-    table = collect(json.loads(_dvc(["dvc", "exp", "show", "--json"])))
+    table = collect(json.loads(dvc("exp", "show", "--json")))
     # Just the requested grid: not the run that prepared the workspace, nor other experiments.
     labels = {"all" if value == ALL else int(value) for value in args.labels.split(",")}
     table = table[table["seed"].isin([int(seed) for seed in args.seeds.split(",")])
                   & table["labels_per_class"].isin(labels)].reset_index(drop=True)
-    write_text(TABLE, table.to_csv(index=False))
-    plot(table, PLOT)
+    write_text(LABEL_EFFICIENCY_TABLE, table.to_csv(index=False))
+    plot(table, LABEL_EFFICIENCY_PLOT)
     summary = table.groupby(["strategy_name", "images_per_class"])["test_accuracy"].agg(["mean", "std", "count"])
     print(summary.round(4).to_string())
-    print(f"label_efficiency: {len(table)} runs -> {TABLE}, {PLOT}")
+    print(f"label_efficiency: {len(table)} runs -> {LABEL_EFFICIENCY_TABLE}, {LABEL_EFFICIENCY_PLOT}")
 
 
 if __name__ == "__main__":
