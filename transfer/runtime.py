@@ -81,7 +81,7 @@ def cluster() -> tuple[int, bool]:
         jobs = config.get("cluster", {})
         task_type, index = config["task"]["type"], int(config["task"]["index"])
     except (ValueError, KeyError, TypeError, AttributeError) as error:
-        raise PipelineError(f"TF_CONFIG is not a valid cluster description ({error!r}); see README 'Scaling up'") \
+        raise PipelineError(f"TF_CONFIG is not a valid cluster description ({error!r}); see docs/scaling-out.md") \
             from None
     workers = len(jobs.get("chief", [])) + len(jobs.get("worker", []))
     # Without a "chief" job, worker 0 is the chief (TensorFlow's own rule).

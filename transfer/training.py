@@ -155,7 +155,7 @@ def compile_model(model: keras.Model, learning_rate: float, training: Training, 
                   optimizer: keras.optimizers.Optimizer | None = None) -> None:
     """(Re)compile in the strategy's scope; needed after every change of `trainable`.
 
-    The learning rate is used as given whatever the number of replicas (see README "Scaling up").
+    The learning rate is used as given whatever the number of replicas (see docs/scaling-out.md).
     """
     with runtime.distribution.scope():
         model.compile(
