@@ -138,15 +138,6 @@ def test_ctrl_c_in_finetune_explains_itself_and_resumes_as_the_same_run(project,
     assert_same_run(project, twin, "finetune", "models/finetuned.keras")
 
 
-def test_changed_param_discards_the_checkpoint(project):
-    kill_after_an_epoch(project, "pretrain")
-    set_params(project / "params.yaml", {"pretrain.learning_rate": 0.002})
-    result = run(["dvc", "repro", "pretrain"], project)
-    assert "discarding checkpoint in checkpoints/pretrain: pretrain changed since it was written" in result.stdout
-    assert "resuming" not in result.stdout
-    assert history_epochs(project, "pretrain") == list(range(1, EPOCHS + 1))
-
-
 def test_changed_code_discards_the_checkpoint_and_trains_the_new_network(project):
     kill_after_an_epoch(project, "pretrain")
     models = project / "transfer/models.py"
@@ -171,7 +162,6 @@ def test_changed_seed_discards_the_baseline_checkpoint(project):
 
 
 def test_changed_data_with_the_same_counts_discards_the_finetune_checkpoint(project, tmp_path):
-    run(["dvc", "repro", "finetune"], project)
     kill_after_an_epoch(project, "finetune")
     other = write_learnable_archive(tmp_path / "other.tar.gz", train_per_class=60, test_per_class=10, noise_seed=5)
     set_params(project / "params.yaml", {"data.url": str(other), "data.md5": md5_of(other)})
