@@ -11,7 +11,16 @@ import tensorflow as tf
 from helpers import last_line, make_project, run_stage
 
 from transfer.errors import PipelineError
-from transfer.records import MIN_IMAGES_PER_SHARD, check_shards, dataset, labels_of, open_split, shard_count
+from transfer.records import (
+    MIN_IMAGES_PER_SHARD,
+    check_shards,
+    dataset,
+    epochs,
+    labels_of,
+    open_split,
+    shard_count,
+)
+from transfer.training import labelled_subset
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +35,30 @@ def preprocessed(tmp_path_factory, tiny_archive):
     for stage in ("download", "split", "preprocess"):
         run_stage(stage, project, check=True)
     return project
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory, tiny_archive):
+    """A project preprocessed at the archive's own 32 px, raw: the records hold the split's exact pixels."""
+    project = make_project(tmp_path_factory.mktemp("raw") / "p", tiny_archive, {"preprocess.encoding": "raw"},
+                           git=False)
+    for stage in ("download", "split", "preprocess"):
+        run_stage(stage, project, check=True)
+    return project
+
+
+def pairs(data) -> list[tuple[bytes, int]]:
+    """The (image, label) pairs a dataset yields, in its order; images as their uint8 bytes."""
+    return [(image.astype(np.uint8).tobytes(), int(label))
+            for images, labels in data for image, label in zip(images.numpy(), labels.numpy())]
+
+
+def split_pairs(project, task: str, name: str, keep: np.ndarray | None = None) -> list[tuple[bytes, int]]:
+    """The split's (image, label) pairs as the split stage wrote them, those in `keep` only, sorted."""
+    images = np.load(project / f"data/split/{task}/{name}_images.npy")
+    labels = np.load(project / f"data/split/{task}/{name}_labels.npy")
+    indices = range(len(labels)) if keep is None else np.flatnonzero(keep)
+    return sorted((images[index].tobytes(), int(labels[index])) for index in indices)
 
 
 def test_round_trip_shapes_dtypes_labels(preprocessed):
@@ -43,15 +76,33 @@ def test_round_trip_shapes_dtypes_labels(preprocessed):
     assert np.array_equal(labels_of(split), expected)  # indexed by position in the split
 
 
-def test_raw_encoding_is_lossless(tmp_path, tiny_archive):
-    project = make_project(tmp_path / "p", tiny_archive, {"preprocess.encoding": "raw"}, git=False)
-    for stage in ("download", "split", "preprocess"):
-        run_stage(stage, project, check=True)
-    split = open_split(project / "data/tfrecords", "target", "test")
-    images = np.concatenate([x.numpy() for x, _ in dataset(split, batch_size=64)])
-    original = np.load(project / "data/split/target/test_images.npy").astype(np.float32)
-    as_rows = lambda array: sorted(map(bytes, array.reshape(len(array), -1)))  # noqa: E731
-    assert as_rows(images) == as_rows(original)
+def test_raw_encoding_is_lossless(raw):
+    for task, name in (("target", "test"), ("source", "train")):
+        split = open_split(raw / "data/tfrecords", task, name)
+        yielded = pairs(dataset(split, batch_size=64))
+        assert len(yielded) == split.count
+        assert sorted(yielded) == split_pairs(raw, task, name)  # each image with its own label
+
+
+def test_labelled_subset_yields_exactly_its_images_balanced_and_seeded(raw):
+    """What training reads through a labelled subset: those images and labels, per_class of each class."""
+    split = open_split(raw / "data/tfrecords", "target", "train")
+    labels = labels_of(split)
+    assert np.bincount(labels).tolist() == [11] * 5
+    read = {}
+    for seed in (1, 2):
+        keep = labelled_subset(labels, 3, seed=seed)
+        expected = split_pairs(raw, "target", "train", keep)
+        read_epochs = epochs(split, 4, shuffle_buffer=64, seed=seed, keep=keep)
+        for epoch in (0, 1):  # the second epoch reads the cached subset
+            yielded = pairs(read_epochs(epoch))
+            assert sorted(yielded) == expected
+            assert np.bincount([label for _, label in yielded]).tolist() == [3] * 5
+        assert sorted(pairs(dataset(split, 5, keep=keep))) == expected
+        read[seed] = expected
+    again = labelled_subset(labels, 3, seed=1)
+    assert sorted(pairs(dataset(split, 4, keep=again))) == read[1]  # same seed, same images
+    assert read[1] != read[2]  # another seed, other images
 
 
 def test_meta_describes_the_records(preprocessed):
@@ -69,6 +120,23 @@ def test_shuffling_is_seeded_and_subset_is_respected(preprocessed):
     keep = np.zeros(split.count, dtype=bool)
     keep[:10] = True
     assert sum(len(y) for _, y in dataset(split, 4, keep=keep)) == 10
+
+
+def test_shuffle_order_depends_on_seed_and_epoch_only(raw):
+    split = open_split(raw / "data/tfrecords", "source", "train")
+    plain = pairs(dataset(split, 8))
+    order = lambda seed, epoch: pairs(epochs(split, 8, shuffle_buffer=64, seed=seed)(epoch))  # noqa: E731
+    first = order(1, 0)
+    assert sorted(first) == sorted(plain) == split_pairs(raw, "source", "train")  # the same pairs, reordered
+    assert first != plain
+    assert first == order(1, 0)
+    assert first != order(2, 0)  # another seed
+    assert first != order(1, 1)  # another epoch
+    # Epoch 2 of a run that read epochs 0 and 1 is epoch 2 of a run resumed there.
+    read_epochs = epochs(split, 8, shuffle_buffer=64, seed=1)
+    pairs(read_epochs(0))
+    pairs(read_epochs(1))
+    assert pairs(read_epochs(2)) == order(1, 2) != order(1, 1)
 
 
 def test_shard_count_targets_shard_size():
