@@ -1,0 +1,76 @@
+"""The pull-request report (tools/report.py) over a two-commit project whose metrics are written by hand."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+
+import pytest
+from helpers import ROOT, run
+
+BASE = {"test": {"accuracy": 0.25, "loss": 1.5}}
+TARGET = {"test": {"accuracy": 0.75, "loss": 1.2}}
+
+
+def commit(project, metrics: dict, learning_rate: float, message: str) -> None:
+    (project / "metrics/finetune.json").write_text(json.dumps(metrics))
+    (project / "params.yaml").write_text(f"finetune:\n  learning_rate: {learning_rate}\n")
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", message], project)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """Commit `base` with BASE's metrics and learning rate 0.1, then HEAD with TARGET's and 0.01."""
+    folder = tmp_path_factory.mktemp("report") / "p"
+    for name in ("tools", "transfer"):
+        shutil.copytree(ROOT / name, folder / name, ignore=shutil.ignore_patterns("__pycache__"))
+    (folder / "metrics").mkdir()
+    (folder / "dvc.yaml").write_text("metrics:\n  - metrics/finetune.json\nparams:\n  - params.yaml\n")
+    (folder / ".gitignore").write_text("__pycache__/\n/out/\n")
+    for command in (["git", "init", "-q"], ["git", "config", "user.name", "Test"],
+                    ["git", "config", "user.email", "test@example.com"], ["dvc", "init", "-q"]):
+        run(command, folder)
+    commit(folder, BASE, 0.1, "base")
+    run(["git", "tag", "base"], folder)
+    commit(folder, TARGET, 0.01, "target")
+    return folder
+
+
+def table(report: str, section: str) -> list[list[str]]:
+    """The rows (header first, separator dropped) of the Markdown table under `### section`."""
+    lines = report.split(f"### {section}\n", 1)[1].split("\n###", 1)[0].splitlines()
+    rows = [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in lines if line.startswith("|")]
+    return [row for row in rows if not set("".join(row)) <= set("-")]
+
+
+def report_of(project, *arguments: str) -> str:
+    output = project / "out/report.md"
+    run([sys.executable, "-m", "tools.report", "--base", "base", *arguments, "--output", str(output)], project)
+    return output.read_text()
+
+
+def test_report_columns_are_base_then_target_and_change_is_target_minus_base(project):
+    report = report_of(project, "--target", "HEAD")
+    assert report.startswith("## Pipeline report: `HEAD` against `base`")
+    metrics = table(report, "Metrics")
+    assert metrics[0] == ["Path", "Metric", "base", "HEAD", "Change"]
+    rows = {row[1]: row for row in metrics[1:]}
+    assert rows["test.accuracy"][2:] == ["0.25", "0.75", "0.5"]  # rose by 0.5
+    path, _, base, target, change = rows["test.loss"]
+    assert path == "metrics/finetune.json" and (base, target) == ("1.5", "1.2")
+    assert float(change) == pytest.approx(-0.3)  # fell: target minus base
+    params = table(report, "Params")
+    assert params[0] == ["Path", "Param", "base", "HEAD"]
+    assert params[1][1:] == ["finetune.learning_rate", "0.1", "0.01"]
+
+
+def test_report_without_target_compares_the_workspace(project):
+    (project / "metrics/finetune.json").write_text(json.dumps({"test": {"accuracy": 0.5, "loss": 1.5}}))
+    try:
+        metrics = table(report_of(project), "Metrics")
+    finally:
+        run(["git", "checkout", "--", "metrics/finetune.json"], project)
+    assert metrics[0] == ["Path", "Metric", "base", "workspace", "Change"]
+    assert [row[1:] for row in metrics[1:]] == [["test.accuracy", "0.25", "0.5", "0.25"]]  # loss is unchanged
