@@ -146,6 +146,35 @@ def test_every_pickle_flavour_reads_to_identical_images_labels_and_classes(tmp_p
         assert read.train_images.dtype == np.uint8 and read.train_labels.dtype == np.int64, flavour
 
 
+def test_reads_an_archive_laid_out_by_hand_as_the_official_one(tmp_path):
+    """Not through write_archive: rows of 3,072 bytes, the red plane, then green, then blue, each row by row;
+    Python 2 `str` keys; five training batches and a test batch, each image next to its own label."""
+    rng = np.random.default_rng(7)
+    rows = {name: rng.integers(0, 256, size=(count, 3072), dtype=np.uint8)
+            for name, count in zip((*TRAIN_BATCHES, TEST_BATCH), (3, 4, 3, 5, 2, 6))}
+    labels = {name: rng.integers(0, 10, size=len(data)).tolist() for name, data in rows.items()}
+    path = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(path, "w:gz") as archive:
+        members = {name: {"batch_label": "batch", "labels": labels[name], "data": data,
+                          "filenames": [f"{n}.png" for n in range(len(data))]} for name, data in rows.items()}
+        members[META] = {"label_names": list(CIFAR10_CLASSES), "num_cases_per_batch": 10_000, "num_vis": 3072}
+        for name, payload in members.items():
+            data = python2_dumps(payload)
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    read = read_archive(path)
+    as_images = lambda data: data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # noqa: E731  planes -> HWC
+    train_rows = np.concatenate([rows[name] for name in TRAIN_BATCHES])
+    assert read.train_images.shape == (17, 32, 32, 3) and read.test_images.shape == (6, 32, 32, 3)
+    assert read.train_images[0, 0, 1].tolist() == [train_rows[0, 1], train_rows[0, 1025], train_rows[0, 2049]]
+    assert np.array_equal(read.train_images, as_images(train_rows))
+    assert read.train_labels.tolist() == [label for name in TRAIN_BATCHES for label in labels[name]]
+    assert np.array_equal(read.test_images, as_images(rows[TEST_BATCH]))
+    assert read.test_labels.tolist() == labels[TEST_BATCH]
+    assert read.class_names == CIFAR10_CLASSES
+
+
 @pytest.mark.skipif(not SHARED_COPY.exists(), reason=f"no shared copy at {SHARED_COPY}")
 def test_reads_the_shared_copy():
     cifar = read_archive(SHARED_COPY)
