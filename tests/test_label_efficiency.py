@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pandas as pd
 import pytest
-from helpers import make_project, run, run_stage
+from helpers import last_line, make_project, run, run_stage
 
 from tools.dvc import dvc
-from tools.label_efficiency import collect, plot
+from tools.label_efficiency import Point, collect, plot
 from transfer.errors import PipelineError
 from transfer.paths import LABEL_EFFICIENCY_PLOT, LABEL_EFFICIENCY_TABLE, PREDICTIONS, metrics_file
 
@@ -27,50 +29,95 @@ def test_subset_trains_on_few_labels_and_evaluates_on_everything(tmp_path, tiny_
     assert len(test_rows) == 20  # the whole target test split, untouched by the subset
 
 
-def test_sweep_collects_one_row_per_strategy_labels_and_seed(tmp_path, tiny_archive):
+def sweep(project: Path, sweep_id: str, *arguments: str) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "tools.label_efficiency", "--sweep", sweep_id, *arguments], project, check=False)
+
+
+def test_sweep_keeps_exactly_its_experiments_and_refuses_a_failed_point(tmp_path, tiny_archive):
     project = make_project(tmp_path / "p", tiny_archive, {"finetune.epochs": 1})
     run(["dvc", "repro"], project)
     run(["git", "add", "-A"], project)
     run(["git", "commit", "-qm", "baseline"], project)
-    result = run([sys.executable, "-m", "tools.label_efficiency", "--run",
-                  "--labels", "2,null", "--strategies", "1,2", "--seeds", "7"], project)
+    first = sweep(project, "a", "--run", "--labels", "2,null", "--strategies", "1,2", "--seeds", "7")
+    assert first.returncode == 0, first.stderr
     table = pd.read_csv(project / LABEL_EFFICIENCY_TABLE)
-    assert len(table) == 6, result.stdout  # strategies 1 and 2, and the baseline (0), at two label counts
+    assert len(table) == 6, first.stdout  # strategies 1 and 2, and the baseline (0), at two label counts
     assert not table.duplicated(["strategy", "labels_per_class", "seed"]).any()
     assert set(table["images_per_class"]) == {2, 11}
     assert set(table["strategy"]) == {0, 1, 2} and set(table["seed"]) == {7}
     assert set(table["strategy_name"]) == {"0: from scratch", "1: head only",
                                            "2: head + last 2 of small_cnn's 7 base layers"}
+    # Each row carries the params it ran with, after the strategy's overrides.
+    assert set(table["experiment"]) == {"a-2-7-s1", "a-2-7-s2", "a-all-7-s1", "a-all-7-s2"}
+    assert set(table["epochs"]) == {1} and set(table["batch_size"]) == {8}
+    assert set(table["learning_rate"]) == {0.001} and set(table["backbone"]) == {"small_cnn"}
+    assert set(table["image_size"]) == {32} and set(table["weights"]) == {"none"}
     assert (project / LABEL_EFFICIENCY_PLOT).read_bytes()[:4] == b"\x89PNG"
+    written = (project / LABEL_EFFICIENCY_TABLE).read_bytes(), (project / LABEL_EFFICIENCY_PLOT).read_bytes()
+
+    # A second sweep with other settings, one of whose points (strategy 9) does not exist: refused, nothing written.
+    second = sweep(project, "b", "--run", "--labels", "2", "--strategies", "1,9", "--seeds", "8",
+                   "-S", "finetune.learning_rate=0.01")
+    assert second.returncode == 1, second.stdout
+    assert last_line(second).startswith("error: point b-2-8-s9 (labels_per_class=2, seed=8, strategy=9) failed")
+    assert ((project / LABEL_EFFICIENCY_TABLE).read_bytes(), (project / LABEL_EFFICIENCY_PLOT).read_bytes()) == written
+
+    # Told to skip, it says what it skips and writes sweep b's one good point alone: nothing of sweep a.
+    skipped = sweep(project, "b", "--labels", "2", "--strategies", "1,9", "--seeds", "8", "--skip-failed")
+    assert skipped.returncode == 0, skipped.stderr
+    assert "label_efficiency: skipped point b-2-8-s9 (labels_per_class=2, seed=8, strategy=9) failed" in skipped.stdout
+    table = pd.read_csv(project / LABEL_EFFICIENCY_TABLE)
+    assert table["experiment"].tolist() == ["b-2-8-s1", "b-2-8-s1"]  # its baseline and strategy 1
+    assert set(table["learning_rate"]) == {0.01} and set(table["seed"]) == {8}
+
+    # Sweep a again, from `dvc exp show` alone: the same rows as when it ran, none of sweep b's.
+    again = sweep(project, "a", "--labels", "2,null", "--strategies", "1,2", "--seeds", "7")
+    assert again.returncode == 0, again.stderr
+    assert (project / LABEL_EFFICIENCY_TABLE).read_bytes() == written[0]
+
+    # A point that never ran is refused as missing.
+    missing = sweep(project, "a", "--labels", "2", "--strategies", "1", "--seeds", "7,99")
+    assert missing.returncode == 1
+    assert last_line(missing).startswith("error: point a-2-99-s1 (labels_per_class=2, seed=99, strategy=1) never "
+                                         "appeared in `dvc exp show`")
 
 
-def shown_experiment(name: str, strategy: int, strategies: dict, accuracy: float) -> dict:
+def shown_experiment(point: Point, strategies: dict, accuracy: float, **extra: object) -> dict:
     """One experiment as `dvc exp show --json` shows it (JSON turns the integer keys into strings)."""
-    params = {"strategy": strategy, "model": {"backbone": "small_cnn"}, "finetune": {"seed": 1},
-              "data": {"target_labels_per_class": 10, "target_classes": ["dog", "frog"]},
+    params = {"strategy": int(point.strategy), "model": {"backbone": "small_cnn", "weights": "none"},
+              "finetune": {"seed": int(point.seed), "epochs": 2, "batch_size": 8, "learning_rate": 0.001,
+                           "cache_features": True},
+              "preprocess": {"image_size": 32},
+              "data": {"target_labels_per_class": int(point.labels), "target_classes": ["dog", "frog"]},
               "strategies": {str(number): entry for number, entry in strategies.items()}}
     def result(accuracy: float) -> dict:
         return {"data": {"train_images": 20, "test": {"accuracy": accuracy, "macro_f1": accuracy}}}
 
-    return {"name": name, "data": {"timestamp": name, "params": {"params.yaml": {"data": params}},
-                                   "metrics": {"metrics/finetune.json": result(accuracy),
-                                               "metrics/baseline.json": result(0.5)}}}
+    return {"name": point.name, **extra, "data": {"params": {"params.yaml": {"data": params}},
+                                                  "metrics": {"metrics/finetune.json": result(accuracy),
+                                                              "metrics/baseline.json": result(0.5)}}}
+
+
+SCRATCH = {"base_weights": "random", "trainable_base_layers": "all"}
 
 
 def test_strategies_are_named_from_each_experiments_params(tmp_path, monkeypatch, capsys):
-    scratch = {"base_weights": "random", "trainable_base_layers": "all"}
+    a, b, old = Point("a", "10", "1", "3"), Point("b", "10", "1", "3"), Point("old", "10", "1", "2")
     shown = [{"experiments": [{"revs": [
-        shown_experiment("a", 3, {0: scratch, 3: {"frozen_base_layers": 3, "learning_rate": 0.0001}}, 0.6),
-        shown_experiment("b", 3, {0: scratch, 3: {"frozen_base_layers": 5}}, 0.7),
-        shown_experiment("old", 2, {0: scratch, 2: {"trainable_base_layers": 10}}, 0.8),  # before counts were checked
+        shown_experiment(a, {0: SCRATCH, 3: {"frozen_base_layers": 3, "learning_rate": 0.0001}}, 0.6),
+        shown_experiment(b, {0: SCRATCH, 3: {"frozen_base_layers": 5}}, 0.7),
+        shown_experiment(old, {0: SCRATCH, 2: {"trainable_base_layers": 10}}, 0.8),  # before counts were checked
     ]}]}]
-    table = collect(shown)
+    with pytest.raises(PipelineError, match=r"^point old-10-1-s2 \(labels_per_class=10, seed=1, strategy=2\) its "
+                                            r"strategies.2 is invalid \(trainable_base_layers: 10 is more than"):
+        collect(shown, [a, b, old])
+    table = collect(shown, [a, b, old], skip_failed=True)
+    assert "label_efficiency: skipped point old-10-1-s2" in capsys.readouterr().out
     assert table[table["strategy"] == 3]["strategy_name"].tolist() == [
         "3: head + small_cnn's base layers 3 on (of 7), learning_rate 0.0001",
         "3: head + small_cnn's base layers 5 on (of 7)"]  # one number defined two ways: two strategies
-    assert table["strategy"].tolist() == [0, 3, 3]  # nor strategy 2 of "old"
-    assert ("left out old, its strategies.2 is invalid (trainable_base_layers: 10 is more than small_cnn's "
-            "7 base layers") in capsys.readouterr().out
+    assert table[table["strategy"] == 3]["learning_rate"].tolist() == [0.0001, 0.001]  # after the overrides
+    assert table["strategy"].tolist() == [0, 3, 3]  # one baseline: a's and b's trained alike; nor "old"'s strategy 2
     figures = []
     monkeypatch.setattr(plt, "close", figures.append)
     plot(table, tmp_path / "plot.png")
@@ -78,6 +125,21 @@ def test_strategies_are_named_from_each_experiments_params(tmp_path, monkeypatch
     assert legend == ["0: from scratch (1 seeds)",
                       "3: head + small_cnn's base layers 3 on (of 7), learning_rate 0.0001 (1 seeds)",
                       "3: head + small_cnn's base layers 5 on (of 7) (1 seeds)"]
+
+
+def test_a_failed_experiment_with_its_parents_metrics_is_no_data_point():
+    """`dvc exp show` gives a failed experiment its parent commit's metrics, beside an "error"."""
+    good, failed = Point("s", "5", "1", "1"), Point("s", "5", "9", "1")
+    shown = [{"experiments": [
+        {"revs": [shown_experiment(good, {0: SCRATCH, 1: {"trainable_base_layers": 0}}, 0.6)]},
+        {"executor": {"state": "failed"}, "name": failed.name,
+         "revs": [shown_experiment(failed, {0: SCRATCH, 1: {"trainable_base_layers": 0}}, 0.52,
+                                   error={"msg": "stage finetune failed"})]},
+    ]}]
+    with pytest.raises(PipelineError, match=r"^point s-5-9-s1 \(labels_per_class=5, seed=9, strategy=1\) failed "
+                                            r"\(stage finetune failed\); see `dvc queue logs s-5-9-s1`"):
+        collect(shown, [good, failed])
+    assert collect(shown, [good, failed], skip_failed=True)["experiment"].tolist() == [good.name, good.name]
 
 
 def test_a_failed_dvc_command_is_one_line_naming_it_up_to_its_overrides(tmp_path, monkeypatch):

@@ -1,15 +1,17 @@
 """When does transfer pay off? Sweep labels per class x strategy x seed as DVC experiments.
 
-    python -m tools.label_efficiency --run $(cat profiles/cpu.args)   # queue, run and collect
-    python -m tools.label_efficiency                                   # collect what `dvc exp show` has
+    python -m tools.label_efficiency --run $(cat profiles/cpu.args)   # queue, run and collect a new sweep
+    python -m tools.label_efficiency --sweep ID                       # collect sweep ID again
 
 The sweep queues one DVC experiment per (strategy, data.target_labels_per_class,
-finetune.seed) with `dvc exp run --queue` and runs the queue. Each experiment
-reuses the cached pretrain and reruns baseline and finetune: the baseline stage
-trains the same network from scratch (strategy 0) on the same labelled subset.
-Then every finished experiment from `dvc exp show --json` into metrics/label_efficiency.csv and a
-plot of target test accuracy against labels per class, one line per strategy.
-Extra arguments (such as the CPU profile's -S overrides) go to `dvc exp run`.
+finetune.seed) with `dvc exp run --queue -n ID-<labels>-<seed>-s<strategy>` and runs the
+queue. Each experiment reuses the cached pretrain and reruns baseline and finetune: the
+baseline stage trains the same network from scratch (strategy 0) on the same labelled subset.
+Then exactly those experiments, by name, go from `dvc exp show --json` into
+metrics/label_efficiency.csv (each row with the params it ran with) and a plot of target test
+accuracy against labels per class, one line per strategy. A failed or missing point stops the
+tool before anything is written, unless --skip-failed. Extra arguments (such as the CPU
+profile's -S overrides) go to `dvc exp run`.
 """
 
 from __future__ import annotations
@@ -18,29 +20,57 @@ import argparse
 import json
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 from pydantic import ValidationError
 
 from tools.dvc import dvc, queue_workers_running
-from transfer.config import Strategy, describe
+from transfer.config import Finetune, Strategy, describe
 from transfer.errors import PipelineError, run_stage
 from transfer.outputs import atomic_output, write_text
 from transfer.paths import LABEL_EFFICIENCY_PLOT, LABEL_EFFICIENCY_TABLE, metrics_file
+from transfer.strategies import BASELINE, settings
 from transfer.strategies import describe as describe_strategy
 
 ALL = "null"  # every labelled image
 # Keys of `dvc exp show --json`'s metrics: the files as dvc.yaml names them.
 FINETUNE_METRICS, BASELINE_METRICS = metrics_file("finetune").as_posix(), metrics_file("baseline").as_posix()
+# Rows that agree on all of these are one run (the baseline is trained again beside every strategy).
+SETTINGS = ["strategy", "strategy_name", "labels_per_class", "seed", "epochs", "batch_size", "learning_rate",
+            "backbone", "weights", "image_size"]
 
 
-def queue(labels: list[str], strategies: list[str], seeds: list[str], extra: list[str]) -> None:
-    """Queue the grid; DVC expands comma-separated -S values into every combination."""
-    dvc("exp", "run", "--queue", *extra,
-        "-S", f"data.target_labels_per_class={','.join(labels)}",
-        "-S", f"strategy={','.join(strategies)}",
-        "-S", f"finetune.seed={','.join(seeds)}")
+@dataclass(frozen=True)
+class Point:
+    """One experiment of the sweep: its grid values and the name it is queued under."""
+
+    sweep: str
+    labels: str  # as given to -S: a count or "null"
+    seed: str
+    strategy: str
+
+    @property
+    def name(self) -> str:
+        # Names are git refs: "null" would read as a count, "all" does not.
+        return f"{self.sweep}-{'all' if self.labels == ALL else self.labels}-{self.seed}-s{self.strategy}"
+
+    def __str__(self) -> str:
+        return f"{self.name} (labels_per_class={self.labels}, seed={self.seed}, strategy={self.strategy})"
+
+
+def grid(sweep: str, labels: list[str], strategies: list[str], seeds: list[str]) -> list[Point]:
+    return [Point(sweep, label, seed, strategy) for label in labels for seed in seeds for strategy in strategies]
+
+
+def queue(points: list[Point], extra: list[str]) -> None:
+    """Queue each point under its own name, so that collecting keeps exactly these experiments."""
+    for point in points:
+        dvc("exp", "run", "--queue", "-n", point.name, *extra,
+            "-S", f"data.target_labels_per_class={point.labels}",
+            "-S", f"strategy={point.strategy}",
+            "-S", f"finetune.seed={point.seed}")
 
 
 def run_queue(jobs: int, poll_seconds: float = 2.0) -> None:
@@ -48,16 +78,18 @@ def run_queue(jobs: int, poll_seconds: float = 2.0) -> None:
     dvc("queue", "start", "--jobs", str(jobs))
     while queue_workers_running(Path(".")):
         time.sleep(poll_seconds)
-    failed = [line for line in dvc("queue", "status").splitlines() if "Failed" in line]
-    if failed:
-        print(f"label_efficiency: {len(failed)} experiment(s) failed; see `dvc queue logs <name>`")
 
 
 def experiments(shown: list[dict]) -> Iterator[dict]:
-    """Every experiment (not the workspace or baseline rows) in `dvc exp show --json` output."""
+    """Every experiment (not the workspace or baseline rows) in `dvc exp show --json` output.
+
+    A queued or failed experiment's name and state sit on its range, not on the revision: copied onto it.
+    """
     for baseline in shown:
         for experiment in baseline.get("experiments") or []:
-            yield from experiment.get("revs", [])
+            state = (experiment.get("executor") or {}).get("state")
+            for revision in experiment.get("revs", []):
+                yield {**revision, "name": revision.get("name") or experiment.get("name"), "state": state}
 
 
 def strategy_name(params: dict, number: int) -> str:
@@ -66,44 +98,75 @@ def strategy_name(params: dict, number: int) -> str:
     return describe_strategy(number, Strategy.model_validate(entry), params["model"]["backbone"])
 
 
-def collect(shown: list[dict]) -> pd.DataFrame:
-    """One row per (strategy, labels per class, seed): finetune's strategy, and the from-scratch
-    baseline that every experiment trains beside it on the same labelled subset."""
+def rows_of(experiment: dict) -> list[dict]:
+    """finetune's row and the from-scratch baseline's, each with the params it ran with.
+
+    A PipelineError says why the experiment is no data point (failed, unfinished, invalid strategy).
+    """
+    if experiment.get("error") or experiment.get("state") == "failed":
+        reason = (experiment.get("error") or {}).get("msg") or "failed"
+        raise PipelineError(f"failed ({reason}); see `dvc queue logs {experiment['name']}`")
+    data = experiment.get("data") or {}
+    params = data.get("params", {}).get("params.yaml", {}).get("data", {})
+    metrics = data.get("metrics", {})
     rows = []
-    for experiment in experiments(shown):
-        data = experiment.get("data") or {}
-        params = data.get("params", {}).get("params.yaml", {}).get("data", {})
-        metrics = data.get("metrics", {})
-        if not params:
-            continue
-        for file, strategy in ((FINETUNE_METRICS, params["strategy"]), (BASELINE_METRICS, 0)):
-            result = metrics.get(file, {}).get("data")
-            if not result or "test" not in result:
-                continue
-            try:
-                name = strategy_name(params, strategy)
-            except ValueError as error:  # e.g. a layer count beyond the base, run before counts were checked
-                reason = describe(error) if isinstance(error, ValidationError) else str(error)
-                print(f"label_efficiency: left out {experiment.get('name') or experiment.get('rev')}, "
-                      f"its strategies.{strategy} is invalid ({reason})")
-                continue
-            rows.append({
-                "strategy": strategy,
-                "strategy_name": name,
-                "labels_per_class": params["data"]["target_labels_per_class"] or "all",
-                "seed": params["finetune"]["seed"],
-                "images_per_class": result["train_images"] // len(params["data"]["target_classes"]),
-                "test_accuracy": result["test"]["accuracy"],
-                "test_macro_f1": result["test"].get("macro_f1"),
-                "timestamp": data.get("timestamp") or "",
-            })
+    for file, strategy in ((FINETUNE_METRICS, params.get("strategy")), (BASELINE_METRICS, BASELINE)):
+        result = metrics.get(file, {}).get("data")
+        # A failed run still shows its parent commit's metrics; only a finished one has its own.
+        if not params or not result or "test" not in result:
+            raise PipelineError(f"has no {file} (state {experiment.get('state') or 'unknown'})")
+        try:
+            name = strategy_name(params, strategy)
+            ran = settings(Finetune.model_validate(params["finetune"]),
+                           Strategy.model_validate(params["strategies"][str(strategy)]))
+        except ValueError as error:  # e.g. a layer count beyond the base
+            reason = describe(error) if isinstance(error, ValidationError) else str(error)
+            raise PipelineError(f"its strategies.{strategy} is invalid ({reason})") from None
+        except KeyError:
+            raise PipelineError(f"its params.yaml has no strategies.{strategy}") from None
+        rows.append({
+            "experiment": experiment["name"],
+            "strategy": strategy,
+            "strategy_name": name,
+            "labels_per_class": params["data"]["target_labels_per_class"] or "all",
+            "seed": params["finetune"]["seed"],
+            "epochs": ran.epochs,
+            "batch_size": ran.batch_size,
+            "learning_rate": ran.learning_rate,
+            "backbone": params["model"]["backbone"],
+            "weights": params["model"]["weights"],
+            "image_size": params["preprocess"]["image_size"],
+            "images_per_class": result["train_images"] // len(params["data"]["target_classes"]),
+            "test_accuracy": result["test"]["accuracy"],
+            "test_macro_f1": result["test"].get("macro_f1"),
+        })
+    return rows
+
+
+def collect(shown: list[dict], points: list[Point], skip_failed: bool = False) -> pd.DataFrame:
+    """One row per point's finetune run and per distinct baseline run, from exactly the named experiments.
+
+    A failed or missing point is a PipelineError naming it, unless skip_failed, which says what it skips.
+    """
+    found = {experiment["name"]: experiment for experiment in experiments(shown) if experiment.get("name")}
+    rows, problems = [], []
+    for point in points:
+        try:
+            if point.name not in found:
+                raise PipelineError("never appeared in `dvc exp show` (not queued, or queued on another commit)")
+            rows.extend(rows_of(found[point.name]))
+        except PipelineError as error:
+            problems.append(f"point {point} {error}")
+    if problems and not skip_failed:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise PipelineError(f"{problems[0]}{more}; nothing written (--skip-failed leaves failed points out)")
+    for problem in problems:
+        print(f"label_efficiency: skipped {problem}")
     if not rows:
-        raise PipelineError(f"no finished experiments with {FINETUNE_METRICS} in `dvc exp show`; run the sweep first")
-    table = pd.DataFrame(rows).sort_values("timestamp")
-    # A point run twice (or a baseline seen by several experiments) keeps its latest result;
-    # one number defined two ways (say, by another profile) stays two strategies.
-    table = table.drop_duplicates(["strategy", "strategy_name", "labels_per_class", "seed"], keep="last")
-    table = table.drop(columns="timestamp")
+        raise PipelineError(f"no finished experiment of sweep {points[0].sweep} in `dvc exp show`; nothing written")
+    table = pd.DataFrame(rows)
+    # The baseline trains identically beside each strategy of a (labels, seed): one row, not one per strategy.
+    table = table.drop_duplicates(SETTINGS, keep="first")
     return table.sort_values(["strategy", "images_per_class", "seed"]).reset_index(drop=True)
 
 
@@ -135,28 +198,34 @@ def plot(table: pd.DataFrame, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", action="store_true", help="queue and run the sweep before collecting")
+    parser.add_argument("--run", action="store_true", help="queue and run a new sweep before collecting it")
+    parser.add_argument("--sweep", help="sweep id: the prefix of its experiment names (default with --run: le-<time>)")
     parser.add_argument("--labels", default="10,50,250,1000,null", help="labels per class (null = all)")
     parser.add_argument("--strategies", default="1", help="strategies to sweep; baseline adds 0")
     parser.add_argument("--seeds", default="1,2,3", help="finetune.seed values")
     parser.add_argument("--jobs", type=int, default=2, help="experiments run at once")
+    parser.add_argument("--skip-failed", action="store_true",
+                        help="leave failed or missing points out (and say which) instead of refusing")
     args, extra = parser.parse_known_args()
+    if not args.run and not args.sweep:
+        raise PipelineError("name the sweep to collect with --sweep ID (the id --run printed), or run one with --run")
+    if extra and not args.run:
+        raise PipelineError(f"unknown arguments {' '.join(extra)}; -S overrides go with --run")
+    sweep = args.sweep or time.strftime("le-%Y%m%d-%H%M%S")
+    points = grid(sweep, args.labels.split(","), args.strategies.split(","), args.seeds.split(","))
     if args.run:
+        print(f"label_efficiency: sweep {sweep}, {len(points)} experiments")
         # Queued experiments start from the workspace: bring its pipeline up to date with the same
         # overrides first, so that every experiment finds pretrain done in the cache and reruns finetune alone.
         dvc("exp", "run", *extra)
-        queue(args.labels.split(","), args.strategies.split(","), args.seeds.split(","), extra)
+        queue(points, extra)
         run_queue(args.jobs)
-    table = collect(json.loads(dvc("exp", "show", "--json")))
-    # Just the requested grid: not the run that prepared the workspace, nor other experiments.
-    labels = {"all" if value == ALL else int(value) for value in args.labels.split(",")}
-    table = table[table["seed"].isin([int(seed) for seed in args.seeds.split(",")])
-                  & table["labels_per_class"].isin(labels)].reset_index(drop=True)
+    table = collect(json.loads(dvc("exp", "show", "--json")), points, args.skip_failed)
     write_text(LABEL_EFFICIENCY_TABLE, table.to_csv(index=False))
     plot(table, LABEL_EFFICIENCY_PLOT)
     summary = table.groupby(["strategy_name", "images_per_class"])["test_accuracy"].agg(["mean", "std", "count"])
     print(summary.round(4).to_string())
-    print(f"label_efficiency: {len(table)} runs -> {LABEL_EFFICIENCY_TABLE}, {LABEL_EFFICIENCY_PLOT}")
+    print(f"label_efficiency: sweep {sweep}, {len(table)} runs -> {LABEL_EFFICIENCY_TABLE}, {LABEL_EFFICIENCY_PLOT}")
 
 
 if __name__ == "__main__":
