@@ -64,8 +64,10 @@ def weights(path: Path) -> list:
 
 
 def assert_same_run(project: Path, twin: Path, stage: str, model: str) -> None:
-    """The interrupted-and-resumed run and the uninterrupted one agree to the last bit."""
+    """The interrupted-and-resumed run and the uninterrupted one agree to the last bit, and kept the same epoch
+    (training.keep=best: the best weights so far are part of the checkpoint)."""
     assert metrics_without_timing(project, stage) == metrics_without_timing(twin, stage)
+    assert metrics_without_timing(project, stage)["keep"] == "best"
     ours, theirs = weights(project / model), weights(twin / model)
     assert len(ours) == len(theirs) and all(np.array_equal(a, b) for a, b in zip(ours, theirs))
 

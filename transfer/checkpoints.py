@@ -9,6 +9,9 @@ Python. A finished stage deletes its checkpoint: only an interrupted run leaves 
 Resuming continues the same run: the model file holds the weights, BatchNorm statistics
 and optimizer state; the random state of layers such as Dropout (which Keras does not
 save) is stored beside it, and every epoch's data order is a function of (seed, epoch).
+With training.keep=best the weights of the best epoch so far are stored beside them too
+(which epoch that is follows from the history in state.json), so a resumed run keeps the
+same epoch as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from transfer.outputs import atomic_output, remove
 from transfer.paths import CHECKPOINTS
 
 DVC_FILE = Path("dvc.yaml")
+BEST_WEIGHTS = "best_weights.npz"  # beside model.keras: the weights of the best epoch so far (training.keep=best)
 
 
 @dataclass
@@ -41,6 +45,14 @@ class Progress:
     @property
     def epochs_done(self) -> int:
         return len(self.history)
+
+    def kept_epoch(self, keep: str) -> int:
+        """The 1-based epoch whose weights the run keeps (training.keep): the last, or the one with the best
+        validation accuracy, the later one on ties."""
+        if keep == "last" or not self.history:
+            return self.epochs_done
+        scores = [entry["val_accuracy"] for entry in self.history]
+        return len(scores) - scores[::-1].index(max(scores))
 
 
 @dataclass(frozen=True)
@@ -140,13 +152,26 @@ def resume(checkpoints: Checkpoints, workers: int, chief: bool) -> tuple[keras.M
     return None, Progress()
 
 
-def save(checkpoints: Checkpoints, model: keras.Model, progress: Progress) -> None:
-    """Write model and state as one atomic folder: a kill at any moment leaves the old or the new one."""
+def save(checkpoints: Checkpoints, model: keras.Model, progress: Progress,
+         best_weights: list[np.ndarray] | None = None) -> None:
+    """Write model, state and the best epoch's weights (if given) as one atomic folder: a kill at any moment
+    leaves the old or the new one."""
     with atomic_output(checkpoints.latest) as latest:
         latest.mkdir()
         model.save(latest / "model.keras")
+        if best_weights is not None:
+            np.savez(latest / BEST_WEIGHTS, *best_weights)
         state = {"identity": checkpoints.identity, "random_state": _random_state(model), **progress.__dict__}
         (latest / "state.json").write_text(json.dumps(state, indent=2))
+
+
+def best_weights(checkpoints: Checkpoints) -> list[np.ndarray] | None:
+    """The best epoch's weights (model.get_weights() order) saved with the latest checkpoint, if any."""
+    path = checkpoints.latest / BEST_WEIGHTS
+    if not path.is_file():
+        return None
+    with np.load(path) as saved:
+        return [saved[f"arr_{index}"] for index in range(len(saved.files))]
 
 
 def finish(stage: str) -> None:

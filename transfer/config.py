@@ -76,6 +76,7 @@ class Training(Section):
     mixed_precision: Toggle
     jit_compile: Toggle
     distribute: Literal["auto", "none", "mirrored", "multi_worker"]
+    keep: Literal["best", "last"]
 
 
 class Optimisation(Section):

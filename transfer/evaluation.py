@@ -5,20 +5,26 @@ from __future__ import annotations
 import keras
 import numpy as np
 import tensorflow as tf
+from tqdm import tqdm
 
 EVAL_BATCH = 256  # images per inference batch: no gradients, so larger than a training batch
 
 
-def infer(model: keras.Model, datasets: dict) -> dict[str, tuple[tuple[np.ndarray, ...], np.ndarray]]:
+def infer(model: keras.Model, datasets: dict, doing: str = "evaluating",
+          ) -> dict[str, tuple[tuple[np.ndarray, ...], np.ndarray]]:
     """Run `model` in inference mode over each dataset of (inputs, labels): {name: (its outputs, labels)}.
 
-    One traced function serves every dataset: each trace of a large network costs seconds.
+    One traced function serves every dataset: each trace of a large network costs seconds. On a terminal
+    a progress bar per dataset says what is `doing`.
     """
     step = tf.function(lambda inputs: model(inputs, training=False), reduce_retracing=True)
     results = {}
     for name, data in datasets.items():
         outputs, labels = [], []
-        for inputs, batch_labels in data:
+        batches = int(data.cardinality())
+        # disable=None: drawn only on a terminal; logs stay as they were.
+        for inputs, batch_labels in tqdm(data, total=batches if batches >= 0 else None, desc=f"{doing} {name}",
+                                         unit="batch", leave=False, disable=None):
             result = step(inputs)
             # Copies: .numpy() shares TensorFlow's output buffer, and holding on to those buffers
             # halved the throughput of InceptionV3 here.

@@ -33,7 +33,9 @@ def write_predictions(path: Path, labels: np.ndarray, predicted: np.ndarray, cla
 def metrics_report(result: Result, strategy: int | None, runtime: Runtime, stage_seconds: float,
                    baseline: dict | None = None) -> dict:
     """The metrics JSON of a training stage; target-task runs (a strategy) add how many images trained,
-    and finetune its gain over the from-scratch `baseline` (test accuracy minus the baseline's)."""
+    and finetune its gain over the from-scratch `baseline` (test accuracy minus the baseline's).
+
+    Every score is of the kept model: `kept_epoch` (1-based) is the epoch training.keep (`keep`) chose."""
     progress = result.progress
     report = {
         "strategy": strategy,
@@ -41,6 +43,8 @@ def metrics_report(result: Result, strategy: int | None, runtime: Runtime, stage
         "total_params": result.model.count_params(),
         **result.evaluation,
         "epochs": progress.epochs_done,
+        "keep": result.keep,  # training.keep: the saved and evaluated model is the best or the last epoch
+        "kept_epoch": result.kept_epoch,
         "timing": {
             "wall_seconds": round(stage_seconds, 1),
             "train_seconds": round(progress.seconds, 1),
@@ -60,8 +64,13 @@ def metrics_report(result: Result, strategy: int | None, runtime: Runtime, stage
 def read_metrics(path: Path, made_by: str) -> dict:
     """A metrics JSON another stage wrote; missing or damaged is one line naming it and the stage."""
     try:
-        return json.loads(path.read_text())
+        metrics = json.loads(path.read_text())
     except FileNotFoundError:
         raise PipelineError(f"{path} not found: run the {made_by} stage (dvc repro)") from None
     except json.JSONDecodeError as error:
         raise PipelineError(f"{path} is not valid JSON ({error}); rerun the {made_by} stage") from None
+    if "live" in metrics:  # an interrupted run's last epoch (training.EpochRecorder), not its results
+        live = metrics["live"]
+        raise PipelineError(f"{path} is from an unfinished {made_by} run (epoch {live.get('epoch')} of "
+                            f"{live.get('epochs')}): rerun the {made_by} stage (dvc repro)")
+    return metrics

@@ -19,17 +19,20 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import keras
 import numpy as np
 import tensorflow as tf
+from tqdm import tqdm
 
 from transfer import checkpoints
-from transfer.checkpoints import Checkpoints, Progress
+from transfer.checkpoints import Checkpoints, Progress, best_weights
 from transfer.config import Optimisation, Params, Strategy, Training
 from transfer.evaluation import EVAL_BATCH, evaluate_splits, infer
 from transfer.models import base_of, build_base, classifier, count_params, frozen_prefix, load_model, save_model
-from transfer.paths import PRETRAINED_MODEL, RECORDS, SPLITS
+from transfer.outputs import write_json
+from transfer.paths import PRETRAINED_MODEL, RECORDS, SPLITS, metrics_file
 from transfer.records import Split, check_shards, dataset, epoch_seed, epochs, labels_of, open_split
 from transfer.runtime import Runtime, by_batch, global_batch, let_keras_fit_across_replicas
 from transfer.strategies import freeze
@@ -63,6 +66,11 @@ class Result:
     evaluation: dict | None = None  # {split: scores}; None on workers other than the chief
     test_labels: np.ndarray | None = None
     test_predicted: np.ndarray | None = None
+    keep: str = "last"  # training.keep: which epoch `model` is
+
+    @property
+    def kept_epoch(self) -> int:
+        return self.progress.kept_epoch(self.keep)
 
 
 def train_classifier(run: Run, splits: dict[str, Split], params: Params, runtime: Runtime) -> Result:
@@ -100,7 +108,7 @@ def train_classifier(run: Run, splits: dict[str, Split], params: Params, runtime
         prefix, trained = cut
         print(f"{run.stage}: caching the output of {len(prefix.layers)} frozen layers")
         features = infer(prefix, {name: dataset(split, EVAL_BATCH, keep=keep if name == "train" else None)
-                                  for name, split in splits.items()})
+                                  for name, split in splits.items()}, doing="caching features of")
         data = {name: _in_memory(*pair).batch(EVAL_BATCH) for name, pair in features.items()}
         cached_train = _in_memory(*features["train"])
 
@@ -110,8 +118,9 @@ def train_classifier(run: Run, splits: dict[str, Split], params: Params, runtime
                     .batch(batch).prefetch(tf.data.AUTOTUNE))
     compile_model(trained, run.settings.learning_rate, params.training, runtime,
                   optimizer=getattr(trained, "optimizer", None) if resumable else None)
-    fit(trained, train_epochs, data["val"], run.settings.epochs, progress, train_images, runtime, resumable)
-    result = Result(model, trainable, train_images, progress, train.classes)
+    fit(trained, train_epochs, data["val"], run.settings.epochs, progress, train_images, runtime, resumable,
+        keep=params.training.keep, live=metrics_file(run.stage) if runtime.chief else None)
+    result = Result(model, trainable, train_images, progress, train.classes, keep=params.training.keep)
     if runtime.chief:  # inference is no collective: the other workers need not repeat it
         result.evaluation, result.test_labels, result.test_predicted = evaluate_splits(trained, data, train.classes)
     return result
@@ -169,18 +178,32 @@ def compile_model(model: keras.Model, learning_rate: float, training: Training, 
 
 
 class EpochRecorder(keras.callbacks.Callback):
-    """Record each epoch in `progress`, print it, and checkpoint model and progress when given checkpoints."""
+    """Record each epoch in `progress` and print it (under a progress bar on a terminal); keep the best epoch's
+    weights when training.keep=best; publish the latest epoch in `live` (the stage's metrics file, which
+    `dvc exp show` reads while the experiment runs); checkpoint model and progress when given checkpoints."""
 
     def __init__(self, progress: Progress, epochs: int, images_per_epoch: int, checkpoints: Checkpoints | None,
-                 runtime: Runtime):
+                 runtime: Runtime, keep: str = "last", live: Path | None = None):
         super().__init__()
         self.progress, self.epochs, self.images_per_epoch = progress, epochs, images_per_epoch
-        self.checkpoints, self.runtime = checkpoints, runtime
+        self.checkpoints, self.runtime, self.keep, self.live = checkpoints, runtime, keep, live
+        # A resumed run continues with the best weights its checkpoint kept.
+        resumed = keep == "best" and checkpoints is not None and progress.epochs_done > 0
+        self.best_weights = best_weights(checkpoints) if resumed else None
+        self.bar = None
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self.started = time.perf_counter()
+        # disable=None: drawn only on a terminal, so logs (CI, dvc queue logs) keep one line per epoch.
+        self.bar = tqdm(total=self.params.get("steps"), desc=f"epoch {epoch + 1}/{self.epochs}", unit="batch",
+                        leave=False, disable=None)
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        # Keras calls this once per steps_per_execution batches, with the last batch's index.
+        self.bar.update(batch + 1 - self.bar.n)
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self.bar.close()
         seconds = time.perf_counter() - self.started
         self.progress.seconds += seconds
         self.progress.images_seen += self.images_per_epoch
@@ -188,33 +211,44 @@ class EpochRecorder(keras.callbacks.Callback):
         self.progress.history.append({"epoch": epoch + 1, **logs})
         shown = " - ".join(f"{name} {value:.4f}" for name, value in logs.items())
         print(f"epoch {epoch + 1}/{self.epochs} - {seconds:.1f} s - {shown}", flush=True)
+        if self.keep == "best" and self.progress.kept_epoch("best") == epoch + 1:
+            self.best_weights = self.model.get_weights()
+        if self.live is not None:
+            # Replaced by the stage's metrics when it ends; read_metrics refuses a file that is still live.
+            write_json(self.live, {"live": {"epoch": epoch + 1, "epochs": self.epochs, **logs}})
         if self.checkpoints is None:
             return
         if self.runtime.chief:
-            checkpoints.save(self.checkpoints, self.model, self.progress)
+            checkpoints.save(self.checkpoints, self.model, self.progress, self.best_weights)
         else:  # saving is collective across workers; only the chief's copy is kept
             save_model(self.model, self.checkpoints.folder / "model.keras", self.runtime)
+
+    def restore_kept(self) -> None:
+        """Leave the model with the weights of the epoch training.keep names."""
+        if self.keep == "best" and self.progress.kept_epoch("best") < self.progress.epochs_done:
+            self.model.set_weights(self.best_weights)
 
 
 def fit(model: keras.Model, epoch_data: Callable[[int], tf.data.Dataset], val_data: tf.data.Dataset, epochs: int,
         progress: Progress, images_per_epoch: int, runtime: Runtime, checkpoints: Checkpoints | None = None,
-        ) -> Progress:
+        keep: str = "last", live: Path | None = None) -> Progress:
     """Train until `epochs` in total, continuing after progress.epochs_done; only the chief keeps checkpoints.
+    The model ends with the weights of the epoch `keep` names (training.keep: best or last).
 
     `epoch_data(e)` is epoch e's training data, batched at the global batch size (Keras splits every
     batch across the replicas). One fit() call per epoch, so that each epoch reads its own data,
-    whatever epoch a resumed run starts from.
+    whatever epoch a resumed run starts from. `live`: a JSON file to show the latest epoch in.
     """
-    if progress.epochs_done >= epochs:
-        return progress
-    recorder = EpochRecorder(progress, epochs, images_per_epoch, checkpoints, runtime)
+    recorder = EpochRecorder(progress, epochs, images_per_epoch, checkpoints, runtime, keep, live)
+    recorder.set_model(model)
     with runtime.distribution.scope():
-        if runtime.replicas > 1:
+        if runtime.replicas > 1 and progress.epochs_done < epochs:
             let_keras_fit_across_replicas(model, epoch_data(0).element_spec, runtime.workers)
         for epoch in range(progress.epochs_done, epochs):
             model.fit(by_batch(epoch_data(epoch)), validation_data=by_batch(val_data), initial_epoch=epoch,
                       epochs=epoch + 1, callbacks=[recorder], verbose=0,
                       shuffle=False)  # datasets shuffle themselves
+        recorder.restore_kept()
     return progress
 
 
