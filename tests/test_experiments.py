@@ -128,5 +128,6 @@ def test_report_names_an_unknown_base(queued, tmp_path):
     result = run([sys.executable, "-m", "tools.report", "--base", "no-such-rev", "--output",
                   str(tmp_path / "r.md")], project, check=False)
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1].startswith("error: `dvc metrics diff no-such-rev --md` failed")
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("error: `dvc metrics diff no-such-rev --all --json` failed")
     assert not (tmp_path / "r.md").exists()

@@ -1,4 +1,8 @@
-"""The pull-request report (tools/report.py) over a two-commit project whose metrics are written by hand."""
+"""The pull-request report (tools/report.py) over a two-commit project whose metrics are written by hand.
+
+The metrics lead with a headline table (the headline metrics of each stage that changed, changed or not),
+then the other changed metrics in collapsed <details> sections; every table has the columns of
+`dvc metrics diff --md` (Path, Metric, base, target, Change) and Change is target minus base."""
 
 from __future__ import annotations
 
@@ -9,8 +13,13 @@ import sys
 import pytest
 from helpers import ROOT, run
 
-BASE = {"test": {"accuracy": 0.25, "loss": 1.5}}
-TARGET = {"test": {"accuracy": 0.75, "loss": 1.2}}
+BASE = {"test": {"accuracy": 0.25, "loss": 1.5, "macro_f1": 0.2, "per_class_accuracy": {"dog": 0.5, "frog": 0.0},
+                 "per_class": {"dog": {"f1": 0.4}, "frog": {"f1": 0.0}}},
+        "trainable_params": 1000, "kept_epoch": 3, "timing": {"wall_seconds": 10.0, "train_seconds": 8.0}}
+TARGET = {"test": {"accuracy": 0.75, "loss": 1.2, "macro_f1": 0.7, "per_class_accuracy": {"dog": 0.5, "frog": 1.0},
+                   "per_class": {"dog": {"f1": 0.4}, "frog": {"f1": 0.8}}},
+          "trainable_params": 1000, "kept_epoch": 5, "timing": {"wall_seconds": 12.5, "train_seconds": 8.0}}
+COLUMNS = ["Path", "Metric", "base", "HEAD", "Change"]
 
 
 def commit(project, metrics: dict, learning_rate: float, message: str) -> None:
@@ -38,11 +47,30 @@ def project(tmp_path_factory):
     return folder
 
 
-def table(report: str, section: str) -> list[list[str]]:
-    """The rows (header first, separator dropped) of the Markdown table under `### section`."""
-    lines = report.split(f"### {section}\n", 1)[1].split("\n###", 1)[0].splitlines()
-    rows = [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in lines if line.startswith("|")]
+def section_of(report: str, section: str) -> str:
+    return report.split(f"### {section}\n", 1)[1].split("\n###", 1)[0]
+
+
+def rows_of(text: str) -> list[list[str]]:
+    """The rows (header first, separator dropped) of the Markdown table in `text`."""
+    rows = [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in text.splitlines()
+            if line.startswith("|")]
     return [row for row in rows if not set("".join(row)) <= set("-")]
+
+
+def table(report: str, section: str) -> list[list[str]]:
+    """The first Markdown table under `### section`: the headline one."""
+    return rows_of(section_of(report, section).split("<details>", 1)[0])
+
+
+def details(report: str, section: str) -> dict[str, list[list[str]]]:
+    """{summary: its table's rows} of the collapsed <details> sections under `### section`."""
+    found = {}
+    for block in section_of(report, section).split("<details><summary>")[1:]:
+        summary, rest = block.split("</summary>", 1)
+        assert "</details>" in rest
+        found[summary] = rows_of(rest.split("</details>", 1)[0])
+    return found
 
 
 def report_of(project, *arguments: str) -> str:
@@ -54,12 +82,25 @@ def report_of(project, *arguments: str) -> str:
 def test_report_columns_are_base_then_target_and_change_is_target_minus_base(project):
     report = report_of(project, "--target", "HEAD")
     assert report.startswith("## Pipeline report: `HEAD` against `base`")
-    metrics = table(report, "Metrics")
-    assert metrics[0] == ["Path", "Metric", "base", "HEAD", "Change"]
-    rows = {row[1]: row for row in metrics[1:]}
+    headline = table(report, "Metrics")
+    assert headline[0] == COLUMNS
+    # The headline metrics of the changed stage, in a fixed order, unchanged ones included (Change 0).
+    assert [row[:2] for row in headline[1:]] == [["metrics/finetune.json", metric] for metric in (
+        "test.accuracy", "test.macro_f1", "trainable_params", "kept_epoch")]
+    rows = {row[1]: row for row in headline[1:]}
     assert rows["test.accuracy"][2:] == ["0.25", "0.75", "0.5"]  # rose by 0.5
-    path, _, base, target, change = rows["test.loss"]
-    assert path == "metrics/finetune.json" and (base, target) == ("1.5", "1.2")
+    assert rows["trainable_params"][2:] == ["1000", "1000", "0"]
+    assert rows["kept_epoch"][2:] == ["3", "5", "2"]
+    # Everything else that changed, and only that, in collapsed sections with the same columns.
+    rest = details(report, "Metrics")
+    assert list(rest) == ["Per-class test scores: 2 changed", "Timing: 1 changed", "Other metrics: 1 changed"]
+    assert all(table[0] == COLUMNS for table in rest.values())
+    per_class = {row[1]: row[2:] for row in rest["Per-class test scores: 2 changed"][1:]}
+    assert per_class == {"test.per_class.frog.f1": ["0.0", "0.8", "0.8"],
+                         "test.per_class_accuracy.frog": ["0.0", "1.0", "1.0"]}
+    assert [row[1:] for row in rest["Timing: 1 changed"][1:]] == [["timing.wall_seconds", "10.0", "12.5", "2.5"]]
+    [(path, metric, base, target, change)] = rest["Other metrics: 1 changed"][1:]
+    assert (path, metric, base, target) == ("metrics/finetune.json", "test.loss", "1.5", "1.2")
     assert float(change) == pytest.approx(-0.3)  # fell: target minus base
     params = table(report, "Params")
     assert params[0] == ["Path", "Param", "base", "HEAD"]
@@ -67,10 +108,18 @@ def test_report_columns_are_base_then_target_and_change_is_target_minus_base(pro
 
 
 def test_report_without_target_compares_the_workspace(project):
-    (project / "metrics/finetune.json").write_text(json.dumps({"test": {"accuracy": 0.5, "loss": 1.5}}))
+    (project / "metrics/finetune.json").write_text(json.dumps({**BASE, "test": {**BASE["test"], "accuracy": 0.5}}))
     try:
-        metrics = table(report_of(project), "Metrics")
+        report = report_of(project)
     finally:
         run(["git", "checkout", "--", "metrics/finetune.json"], project)
+    metrics = table(report, "Metrics")
     assert metrics[0] == ["Path", "Metric", "base", "workspace", "Change"]
-    assert [row[1:] for row in metrics[1:]] == [["test.accuracy", "0.25", "0.5", "0.25"]]  # loss is unchanged
+    assert [row[1:] for row in metrics[1:]] == [["test.accuracy", "0.25", "0.5", "0.25"], [
+        "test.macro_f1", "0.2", "0.2", "0.0"], ["trainable_params", "1000", "1000", "0"], ["kept_epoch", "3", "3", "0"]]
+    assert "<details>" not in report  # nothing else changed
+
+
+def test_report_of_no_change_says_so(project):
+    report = report_of(project, "--target", "base")
+    assert section_of(report, "Metrics").strip() == "No metric changed."

@@ -2,12 +2,16 @@
 
     python -m tools.report --base main [--target REV] [--output report.md]
 
-It asks the dvc CLI itself: `dvc metrics diff --md`, `dvc params diff --md`
+It asks the dvc CLI itself: `dvc metrics diff --all --json`, `dvc params diff --md`
 and `dvc plots diff --json`. Without --target the workspace is compared (what
-`dvc exp run` just produced). Images of changed image plots are copied next to
-the report, so `cml comment update` can upload them; changed data plots
-(curves, confusion matrix) are named, to be opened with `dvc plots diff`.
-Not a pipeline stage: it compares pipeline results, it does not make one.
+`dvc exp run` just produced). The metrics lead with a headline table, readable in
+seconds: for every metrics file (stage) with a change, its HEADLINE metrics, changed
+or not. Every other changed metric follows in collapsed <details> sections
+(per-class scores, timing, the rest), in the same columns as `dvc metrics diff --md`.
+Images of changed image plots are copied next to the report, so `cml comment update`
+can upload them; changed data plots (curves, confusion matrix) are named, to be
+opened with `dvc plots diff`. Not a pipeline stage: it compares pipeline results,
+it does not make one.
 """
 
 from __future__ import annotations
@@ -47,17 +51,65 @@ def _data_differs(content: dict) -> bool:
     return len(rows) == 1 or len({tuple(sorted(values)) for values in rows.values()}) > 1
 
 
+HEADLINE = ("test.accuracy", "test.macro_f1", "gain_over_scratch", "trainable_params", "kept_epoch")
+DETAILS = (  # (summary, which metrics), the first that matches takes a metric
+    ("Per-class test scores", lambda metric: metric.startswith("test.per_class")),
+    ("Timing", lambda metric: metric.startswith("timing.")),
+    ("Other metrics", lambda metric: True),
+)
+PRECISION = 5  # digits after the decimal point, as dvc metrics diff rounds them
+
+
+def metrics_tables(diff: dict, base: str, target: str) -> str:
+    """`dvc metrics diff --all --json` output as Markdown: the headline table, then the other changed metrics
+    in collapsed sections. Columns and Change (target minus base) as `dvc metrics diff --md` shows them."""
+    changed = {path: {metric: change for metric, change in metrics.items() if _changed(change)}
+               for path, metrics in diff.items()}
+    headline = [(path, metric, diff[path][metric]) for path in diff if changed[path]
+                for metric in HEADLINE if metric in diff[path]]
+    if not any(changed.values()):
+        return "No metric changed."
+    sections = [_table(headline, base, target)] if headline else []
+    rest = [(path, metric, change) for path, metrics in changed.items() for metric, change in sorted(metrics.items())
+            if metric not in HEADLINE]
+    for summary, belongs in DETAILS:
+        rows = [row for row in rest if belongs(row[1])]
+        rest = [row for row in rest if not belongs(row[1])]
+        if rows:
+            sections.append(f"<details><summary>{summary}: {len(rows)} changed</summary>\n\n"
+                            f"{_table(rows, base, target)}\n\n</details>")
+    return "\n\n".join(sections)
+
+
+def _changed(change: dict) -> bool:
+    return change.get("old") != change.get("new")
+
+
+def _table(rows: list[tuple[str, str, dict]], base: str, target: str) -> str:
+    lines = [f"| Path | Metric | {base} | {target} | Change |", "|---|---|---|---|---|"]
+    lines += [f"| {path} | {metric} | " + " | ".join(_shown(change.get(key)) for key in ("old", "new", "diff")) + " |"
+              for path, metric, change in rows]
+    return "\n".join(lines)
+
+
+def _shown(value: object) -> str:
+    if value is None:
+        return "-"
+    return str(round(value, PRECISION) if isinstance(value, float) else value)
+
+
 def build_report(base: str, target: str | None, output: Path) -> str:
     revs = [base] if target is None else [base, target]
     shown = f"`{target}`" if target else "this change"
-    metrics = dvc("metrics", "diff", *revs, "--md").strip()
+    diff = json.loads(dvc("metrics", "diff", *revs, "--all", "--json") or "{}")
+    metrics = metrics_tables(diff, base, target or "workspace")
     params = dvc("params", "diff", *revs, "--md").strip()
     folder = output.parent / f"{output.stem}_plots"
     remove(folder)  # images of an earlier report must not pass for this one's
     plots = json.loads(dvc("plots", "diff", *revs, "--json", "-o", str(folder)) or "{}").get("data", {})
     data_plots, images = changed_plots(plots, [*revs, "workspace"], output.parent)
     lines = [f"## Pipeline report: {shown} against `{base}`", "", "### Metrics", "",
-             metrics or "No metric changed.", "", "### Params", "", params or "No param changed.", "",
+             metrics, "", "### Params", "", params or "No param changed.", "",
              "### Plots", ""]
     if data_plots:
         names = ", ".join(f"**{name}**" for name in data_plots)

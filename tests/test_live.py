@@ -1,0 +1,74 @@
+"""While a queued experiment trains, `dvc exp show` shows its latest epoch: the real dvc queue, polled.
+
+DVC 3 collects a running queued experiment by opening its temporary workspace (.dvc/tmp/exps/...) as a
+repo and reading the metrics files dvc.yaml declares there (dvc/repo/experiments/queue/celery.py,
+collect_active_data). A training stage writes its latest epoch into its own metrics file under `live`
+every epoch, and its final metrics replace it when it ends.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from helpers import finish, make_project, run, start, write_learnable_archive
+from test_experiments import wait_for_queue
+
+from tools.label_efficiency import experiments
+
+EPOCHS = 50  # at 60 images per class an epoch takes under a second here: 50 last long enough to watch
+POLL_DEADLINE_S = 600
+
+
+def pretrain_metrics(project) -> dict[str, tuple[str | None, dict | None]]:
+    """{experiment name: (its state, metrics/pretrain.json as `dvc exp show --json` reports it)}."""
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], project).stdout)
+    found = {}
+    for experiment in experiments(shown):
+        files = (experiment.get("data") or {}).get("metrics") or {}
+        found[experiment["name"]] = (experiment["state"], (files.get("metrics/pretrain.json") or {}).get("data"))
+    return found
+
+
+@pytest.fixture(scope="module")
+def watched(tmp_path_factory):
+    """Queue a long pretrain, start the queue and poll `dvc exp show` while it runs: the live epochs seen."""
+    folder = tmp_path_factory.mktemp("live")
+    archive = write_learnable_archive(folder / "cifar-10-python.tar.gz", train_per_class=60, test_per_class=10)
+    project = make_project(folder / "p", archive, {"pretrain.epochs": EPOCHS})
+    run(["dvc", "exp", "run", "--queue", "-n", "watched", "pretrain"], project)
+    # Not run(): the worker it starts inherits its output, and capturing that would wait for the worker to end.
+    started = finish(start(["dvc", "queue", "start"], project), timeout=120)
+    assert started.returncode == 0, started.stderr
+    seen = []
+    deadline = time.monotonic() + POLL_DEADLINE_S
+    while time.monotonic() < deadline:
+        state, metrics = pretrain_metrics(project).get("watched", (None, None))
+        if state == "running" and metrics and "live" in metrics:
+            seen.append(metrics["live"])
+        if state in ("success", "failed") or len({live["epoch"] for live in seen}) >= 3:
+            break
+        time.sleep(2)  # not faster: DVC's file broker and a busy poller do not mix (treeverse/dvc-task#73)
+    status = wait_for_queue(project)
+    return project, seen, status
+
+
+def test_exp_show_shows_the_latest_epoch_of_a_running_experiment(watched):
+    _, seen, status = watched
+    assert "Success" in status, status
+    epochs = [live["epoch"] for live in seen]
+    assert len(set(epochs)) >= 3, seen  # it moved on while we watched
+    assert epochs == sorted(epochs) and all(1 <= epoch <= EPOCHS for epoch in epochs)
+    for live in seen:
+        assert live["epochs"] == EPOCHS
+        assert {"loss", "accuracy", "val_loss", "val_accuracy"} <= set(live)
+
+
+def test_the_finished_experiment_shows_its_results_not_an_epoch(watched):
+    project, _, _ = watched
+    state, metrics = pretrain_metrics(project)["watched"]
+    assert state == "success"
+    assert "live" not in metrics
+    assert metrics["epochs"] == EPOCHS and metrics["keep"] == "best" and 1 <= metrics["kept_epoch"] <= EPOCHS
+    assert 0 <= metrics["test"]["accuracy"] <= 1
