@@ -72,3 +72,16 @@ def test_the_finished_experiment_shows_its_results_not_an_epoch(watched):
     assert "live" not in metrics
     assert metrics["epochs"] == EPOCHS and metrics["keep"] == "best" and 1 <= metrics["kept_epoch"] <= EPOCHS
     assert 0 <= metrics["test"]["accuracy"] <= 1
+
+
+def test_a_stage_refuses_metrics_that_are_still_live(tmp_path):
+    """An interrupted baseline leaves its latest epoch in metrics/baseline.json: finetune must not take it
+    for results (one line naming the file and the stage, no KeyError)."""
+    from transfer.errors import PipelineError
+    from transfer.reports import read_metrics
+
+    path = tmp_path / "baseline.json"
+    path.write_text(json.dumps({"live": {"epoch": 3, "epochs": 10, "val_accuracy": 0.5}}))
+    with pytest.raises(PipelineError, match=r"baseline.json is from an unfinished baseline run \(epoch 3 of 10\): "
+                                            r"rerun the baseline stage \(dvc repro\)$"):
+        read_metrics(path, made_by="baseline")
