@@ -190,7 +190,6 @@ class EpochRecorder(keras.callbacks.Callback):
         # A resumed run continues with the best weights its checkpoint kept.
         resumed = keep == "best" and checkpoints is not None and progress.epochs_done > 0
         self.best_weights = best_weights(checkpoints) if resumed else None
-        self.bar = None
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self.started = time.perf_counter()
