@@ -12,12 +12,12 @@ import json
 import time
 
 import pytest
-from helpers import finish, make_project, run, start, write_learnable_archive
+from helpers import finish, make_project, run, start
 from test_experiments import wait_for_queue
 
 from tools.label_efficiency import experiments
 
-EPOCHS = 50  # at 60 images per class an epoch takes under a second here: 50 last long enough to watch
+EPOCHS = 60  # a third of a second each on the tiny archive here (checkpoint included): long enough to watch
 POLL_DEADLINE_S = 600
 
 
@@ -32,11 +32,9 @@ def pretrain_metrics(project) -> dict[str, tuple[str | None, dict | None]]:
 
 
 @pytest.fixture(scope="module")
-def watched(tmp_path_factory):
+def watched(tmp_path_factory, tiny_archive):
     """Queue a long pretrain, start the queue and poll `dvc exp show` while it runs: the live epochs seen."""
-    folder = tmp_path_factory.mktemp("live")
-    archive = write_learnable_archive(folder / "cifar-10-python.tar.gz", train_per_class=60, test_per_class=10)
-    project = make_project(folder / "p", archive, {"pretrain.epochs": EPOCHS})
+    project = make_project(tmp_path_factory.mktemp("live") / "p", tiny_archive, {"pretrain.epochs": EPOCHS})
     run(["dvc", "exp", "run", "--queue", "-n", "watched", "pretrain"], project)
     # Not run(): the worker it starts inherits its output, and capturing that would wait for the worker to end.
     started = finish(start(["dvc", "queue", "start"], project), timeout=120)
