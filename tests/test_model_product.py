@@ -17,7 +17,7 @@ from helpers import ROOT, make_project, run
 
 from transfer.cli import main
 from transfer.models import read_description
-from transfer.records import dataset, open_split, prepare
+from transfer.records import Storage, dataset, open_split, prepare
 from transfer.strategies import describe
 
 # As in test_pipeline.py: the tiny archive's classes are learned, so predictions are no coin flips.
@@ -72,7 +72,7 @@ def test_prepare_makes_an_original_image_its_stored_record_bit_for_bit(project, 
     prepared = np.stack([prepare(tf.constant(path.read_bytes()), storage).numpy() for path in test_pngs])
     assert np.array_equal(prepared, stored)
     # Without the JPEG round trip the images differ: the test above would notice a predict that skipped it.
-    raw = np.stack([prepare(tf.constant(path.read_bytes()), storage.__class__(32, "raw", 95)).numpy()
+    raw = np.stack([prepare(tf.constant(path.read_bytes()), Storage(32, "raw", 95)).numpy()
                     for path in test_pngs])
     assert not np.array_equal(raw, stored)
 

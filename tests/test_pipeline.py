@@ -107,7 +107,7 @@ def test_second_repro_reruns_nothing(pipeline):
     assert "modified" not in run(["dvc", "status"], project).stdout
 
 
-def test_strategy_experiment_reruns_only_finetune_and_figures(pipeline):
+def test_strategy_experiment_reruns_only_finetune_figures_and_export(pipeline):
     project, _ = pipeline
     run(["git", "add", "-A"], project)
     run(["git", "commit", "-qm", "baseline"], project)
