@@ -122,10 +122,10 @@ class Storage:
 def prepare(data: tf.Tensor, storage: Storage) -> tf.Tensor:
     """Encoded PNG or JPEG bytes of any size -> the float32 (size, size, 3) image a model trained on `storage` saw.
 
-    Exactly the preprocess stage's path: decoded to RGB, resized by `resize`, through the storage encoding
-    (a JPEG round trip at its quality) and decoded as the training reader decodes records. An original
-    CIFAR-10 image given as PNG therefore becomes bit for bit the image its record holds. TensorFlow ops
-    only: the exported serving graph calls this very function.
+    Exactly the preprocess stage's path: decoded to RGB, resized by `resize_tensor` (as `resize` is), through
+    the storage encoding (a JPEG round trip at its quality) and decoded as the training reader decodes
+    records. An original CIFAR-10 image given as PNG therefore becomes bit for bit the image its record
+    holds. TensorFlow ops only: the exported serving graph calls this very function.
     """
     import tensorflow as tf
 
