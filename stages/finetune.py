@@ -15,7 +15,7 @@ import time
 from transfer import checkpoints, strategies
 from transfer.config import load_params
 from transfer.errors import run_stage
-from transfer.models import save_model
+from transfer.models import Description, save_model
 from transfer.outputs import write_json
 from transfer.paths import FINETUNED_MODEL, PREDICTIONS, history_file, metrics_file
 from transfer.reports import metrics_report, read_metrics, write_history, write_predictions
@@ -36,7 +36,8 @@ def main() -> None:
               strategy=strategy, settings=strategies.settings(params.finetune, strategy), seed=params.finetune.seed,
               labels_per_class=params.data.target_labels_per_class, cache_features=params.finetune.cache_features)
     result = train_classifier(run, splits, params, runtime)
-    save_model(result.model, FINETUNED_MODEL, runtime)
+    # The model carries its class names and how its images were stored: predict and export read them there.
+    save_model(result.model, FINETUNED_MODEL, runtime, Description(result.classes, splits["test"].storage))
     if not runtime.chief:
         print(f"{STAGE}: training done; the chief writes the outputs")
         return

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import sys
+
 import numpy as np
 import pytest
 from helpers import md5_of
 
+from benchmarks import serving
 from benchmarks.common import archive_share, arguments, run_stages, workspace
 from transfer.cifar10 import read_archive
 from transfer.paths import RECORDS, SPLITS, TASKS
@@ -52,3 +56,17 @@ def test_a_failed_stage_ends_the_benchmark_with_its_stderr(tiny_workspace):
     message = str(raised.value.code)
     assert message.startswith("benchmark: `python -m stages.split` failed (exit code 1):\n")
     assert message.splitlines()[-1].startswith("error: ")  # the stage's own one-line error
+
+
+def test_the_serving_benchmark_times_both_sides_on_the_same_images(tiny_archive, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["serving", "--archive", str(tiny_archive), "--workdir", str(tmp_path),
+                                      "--backbone", "small_cnn", "--image-size", "32", "--batch", "8",
+                                      "--calls", "3", "--repeats", "1"])
+    serving.main()
+    result = json.loads(capsys.readouterr().out.split("RESULT ")[-1])
+    assert result["batch"] == 8 and result["top1_agreement"] == 1.0  # the same network on the same images
+    for side in ("keras_predict", "saved_model", "saved_model_png", "keras_call"):
+        assert 0 < result[f"{side}_batch1"]["p50_ms"] <= result[f"{side}_batch1"]["p99_ms"], side
+    assert result["throughput_ratio"] == pytest.approx(
+        result["saved_model_images_per_second"] / result["keras_predict_images_per_second"], rel=0.01)
+    assert (tmp_path / "serving/model.tflite").is_file()

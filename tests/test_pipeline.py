@@ -12,7 +12,7 @@ from http_server import serve
 
 from transfer.records import dataset, open_split
 
-STAGES = ("download", "split", "preprocess", "baseline", "pretrain", "finetune", "figures")
+STAGES = ("download", "split", "preprocess", "baseline", "pretrain", "finetune", "figures", "export")
 # At the tiny sizes' 2 epochs and 0.001 the head of the tiny archive's classifier stays near chance; these learn
 # it (test accuracy 0.8 for seeds 1, 2 and 42), so the test can tell a model that learned from one that did not.
 FINETUNE = {"finetune.epochs": 10, "finetune.learning_rate": 0.01}
@@ -107,12 +107,12 @@ def test_second_repro_reruns_nothing(pipeline):
     assert "modified" not in run(["dvc", "status"], project).stdout
 
 
-def test_strategy_experiment_reruns_only_finetune_and_figures(pipeline):
+def test_strategy_experiment_reruns_only_finetune_figures_and_export(pipeline):
     project, _ = pipeline
     run(["git", "add", "-A"], project)
     run(["git", "commit", "-qm", "baseline"], project)
     result = run(["dvc", "exp", "run", "-S", "strategy=2"], project)
-    assert ran(result.stdout) == ["finetune", "figures"]  # not pretrain, not the baseline
+    assert ran(result.stdout) == ["finetune", "figures", "export"]  # not pretrain, not the baseline
     metrics = json.loads((project / "metrics/finetune.json").read_text())
     assert metrics["strategy"] == 2
 
@@ -120,5 +120,5 @@ def test_strategy_experiment_reruns_only_finetune_and_figures(pipeline):
 def test_finetune_epochs_never_rerun_pretrain(pipeline):
     project, _ = pipeline
     result = run(["dvc", "exp", "run", "-S", "finetune.epochs=1"], project)
-    assert ran(result.stdout) == ["baseline", "finetune", "figures"]  # the baseline uses finetune's settings
+    assert ran(result.stdout) == ["baseline", "finetune", "figures", "export"]  # the baseline uses finetune's settings
     assert json.loads((project / "metrics/finetune.json").read_text())["epochs"] == 1

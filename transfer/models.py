@@ -9,8 +9,10 @@ recipe count layers there).
 
 from __future__ import annotations
 
+import json
 import tempfile
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,11 +20,15 @@ import keras
 
 from transfer.errors import PipelineError
 from transfer.outputs import atomic_output
+from transfer.records import Storage
 
 if TYPE_CHECKING:
     from transfer.runtime import Runtime
 
 HEAD_AFTER_POOL = ("head_dense", "head_dropout", "predictions")
+# A file of our own inside the .keras zip (Keras reads only the entries it wrote): the model carries what its
+# outputs mean and how its inputs were stored, wherever it is copied (`dvc artifacts get`, --model).
+DESCRIPTION_FILE = "transfer.json"
 WEIGHTS_HINT = "use -S model.weights=none (random initialisation) or a path to a weights file"
 
 
@@ -151,8 +157,17 @@ def base_of(model: keras.Model) -> keras.Model:
     return next(layer for layer in model.layers if isinstance(layer, keras.Model))
 
 
-def save_model(model: keras.Model, path: Path, runtime: Runtime) -> None:
-    """Write the model whole or not at all; only the chief's copy is kept.
+@dataclass(frozen=True)
+class Description:
+    """What a saved classifier's outputs mean (class names, in output order) and how its training images were
+    stored (so predict and the export prepare new images the same way)."""
+
+    classes: tuple[str, ...]
+    storage: Storage
+
+
+def save_model(model: keras.Model, path: Path, runtime: Runtime, description: Description | None = None) -> None:
+    """Write the model, with its description if given, whole or not at all; only the chief's copy is kept.
 
     Across workers saving reads variables collectively, so every worker must save:
     the others write into a temporary folder that is deleted at once.
@@ -160,6 +175,10 @@ def save_model(model: keras.Model, path: Path, runtime: Runtime) -> None:
     if runtime.chief:
         with atomic_output(path) as temporary:
             model.save(temporary)
+            if description is not None:
+                fields = {"classes": list(description.classes), **vars(description.storage)}
+                with zipfile.ZipFile(temporary, "a") as archive:
+                    archive.writestr(DESCRIPTION_FILE, json.dumps(fields, indent=2) + "\n")
         return
     with tempfile.TemporaryDirectory() as folder:
         model.save(Path(folder) / path.name)
@@ -177,3 +196,17 @@ def load_model(path: Path, made_by: str) -> keras.Model:
         except Exception as error:  # Keras raises ValueError, OSError, KeyError... for a damaged file
             reason = str(error).splitlines()[0] if str(error) else type(error).__name__
     raise PipelineError(f"{path} is not a readable Keras model ({reason}); rerun the {made_by} stage")
+
+
+def read_description(path: Path) -> Description:
+    """The description save_model stored in a .keras file; a model without one is one line naming it."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            fields = json.loads(archive.read(DESCRIPTION_FILE))
+        storage = Storage(int(fields["image_size"]), str(fields["encoding"]), int(fields["jpeg_quality"]))
+        return Description(tuple(str(name) for name in fields["classes"]), storage)
+    except KeyError:
+        raise PipelineError(f"{path} carries no class names and image format ({DESCRIPTION_FILE}); "
+                            "rerun the finetune stage (dvc repro) to save a model with them") from None
+    except (OSError, zipfile.BadZipFile, ValueError, TypeError) as error:
+        raise PipelineError(f"{path} is not a readable Keras model ({error})") from None

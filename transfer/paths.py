@@ -18,6 +18,7 @@ RECORDS = DATA / "tfrecords"
 MODELS = Path("models")
 PRETRAINED_MODEL = MODELS / "pretrained.keras"
 FINETUNED_MODEL = MODELS / "finetuned.keras"
+EXPORT = MODELS / "export"  # the fine-tuned model for serving (SavedModel, TFLite) and its model card
 CHECKPOINTS = Path("checkpoints")  # checkpoints/<stage>: the resume state of an interrupted training stage
 
 METRICS = Path("metrics")

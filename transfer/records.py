@@ -74,20 +74,66 @@ def write_shard(job: ShardJob) -> int:
 
 def resize(images: np.ndarray, size: int) -> np.ndarray:
     """uint8 images (N, h, w, 3) -> uint8 (N, size, size, 3), bilinear."""
-    import tensorflow as tf
-
     if images.shape[1:3] == (size, size):
         return images
+    return resize_tensor(images, size).numpy()
+
+
+def resize_tensor(images: tf.Tensor, size: int) -> tf.Tensor:
+    """resize in TensorFlow ops, so that a serving graph resizes exactly as the preprocess stage did."""
+    import tensorflow as tf
+
     resized = tf.image.resize(tf.cast(images, tf.float32), (size, size), method="bilinear")
-    return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8).numpy()
+    return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
 
 
 def encode(image: np.ndarray, encoding: str, quality: int) -> bytes:
+    if encoding == "raw":
+        return image.tobytes()
+    return _jpeg(image, quality).numpy()
+
+
+def _jpeg(image, quality: int) -> tf.Tensor:
+    """The pipeline's one JPEG encoder: records and the images served to a model go through the same settings."""
+    import tensorflow as tf
+
+    return tf.io.encode_jpeg(image, quality=quality)
+
+
+def decode(encoded: tf.Tensor, encoding: str, size: int) -> tf.Tensor:
+    """A stored record's image bytes -> uint8 (size, size, 3), as every reader of the records decodes them."""
     import tensorflow as tf
 
     if encoding == "raw":
-        return image.tobytes()
-    return tf.io.encode_jpeg(image, quality=quality).numpy()
+        return tf.reshape(tf.io.decode_raw(encoded, tf.uint8), (size, size, 3))
+    return tf.ensure_shape(tf.io.decode_jpeg(encoded, channels=3), (size, size, 3))
+
+
+@dataclass(frozen=True)
+class Storage:
+    """How the preprocess stage stored images, so what a model trained on them saw: resized to image_size, then
+    kept raw or as JPEG at jpeg_quality. Models carry it (transfer/models.py) so that new images get the same."""
+
+    image_size: int
+    encoding: str
+    jpeg_quality: int
+
+
+def prepare(data: tf.Tensor, storage: Storage) -> tf.Tensor:
+    """Encoded PNG or JPEG bytes of any size -> the float32 (size, size, 3) image a model trained on `storage` saw.
+
+    Exactly the preprocess stage's path: decoded to RGB, resized by `resize_tensor` (as `resize` is), through
+    the storage encoding (a JPEG round trip at its quality) and decoded as the training reader decodes
+    records. An original CIFAR-10 image given as PNG therefore becomes bit for bit the image its record
+    holds. TensorFlow ops only: the exported serving graph calls this very function.
+    """
+    import tensorflow as tf
+
+    image = tf.io.decode_image(data, channels=3, expand_animations=False)
+    image = resize_tensor(image[tf.newaxis], storage.image_size)[0]
+    if storage.encoding == "jpeg":
+        image = decode(_jpeg(image, storage.jpeg_quality), "jpeg", storage.image_size)
+    return tf.cast(image, tf.float32)
 
 
 def _example(image: bytes, label: int, index: int) -> bytes:
@@ -114,6 +160,11 @@ class Split:
     image_size: int
     encoding: str
     classes: tuple[str, ...]
+    jpeg_quality: int
+
+    @property
+    def storage(self) -> Storage:
+        return Storage(self.image_size, self.encoding, self.jpeg_quality)
 
 
 # pydantic names these classes in its messages ("a valid dictionary or instance of ShardMeta").
@@ -136,6 +187,7 @@ class RecordsMeta(_Strict):
 
     image_size: int = Field(ge=1)
     encoding: Literal["jpeg", "raw"]
+    jpeg_quality: int = Field(ge=1, le=100)
     classes: dict[str, list[str]]
     splits: dict[str, SplitMeta]
 
@@ -156,7 +208,8 @@ def open_split(root: Path, task: str, split: str) -> Split:
     if entry is None or task not in meta.classes:
         raise PipelineError(f"{damaged} (it lacks {task}/{split})")
     files = tuple(root / shard.file for shard in entry.shards)
-    return Split(root, task, split, files, entry.count, meta.image_size, meta.encoding, tuple(meta.classes[task]))
+    return Split(root, task, split, files, entry.count, meta.image_size, meta.encoding, tuple(meta.classes[task]),
+                 meta.jpeg_quality)
 
 
 def check_shards(split: Split) -> None:
@@ -207,13 +260,8 @@ def epochs(
     }
     size, encoding = split.image_size, split.encoding
 
-    def decode(record):
-        if encoding == "raw":
-            image = tf.reshape(tf.io.decode_raw(record["image"], tf.uint8), (size, size, 3))
-        else:
-            image = tf.io.decode_jpeg(record["image"], channels=3)
-            image = tf.ensure_shape(image, (size, size, 3))
-        return tf.cast(image, tf.float32), record["label"]
+    def decode_record(record):
+        return tf.cast(decode(record["image"], encoding, size), tf.float32), record["label"]
 
     records = tf.data.Dataset.from_tensor_slices([str(path) for path in split.files]).interleave(
         lambda path: tf.data.TFRecordDataset(path, buffer_size=1 << 22),
@@ -235,7 +283,7 @@ def epochs(
         data = records
         if shuffle_buffer:
             data = data.shuffle(shuffle_buffer, seed=epoch_seed(seed, epoch), reshuffle_each_iteration=False)
-        data = data.map(decode, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size)
+        data = data.map(decode_record, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size)
         return data.apply(tf.data.experimental.assert_cardinality(batches)).prefetch(tf.data.AUTOTUNE)
 
     return epoch_data
