@@ -5,7 +5,8 @@
 
 The sweep queues one DVC experiment per (strategy, data.target_labels_per_class,
 finetune.seed) with `dvc exp run --queue -n ID-<labels>-<seed>-s<strategy>` and runs the
-queue. Each experiment reuses the cached pretrain and reruns baseline and finetune: the
+queue. Each experiment runs up to the finetune stage: it reuses the cached pretrain and reruns
+baseline and finetune (not figures or export): the
 baseline stage trains the same network from scratch (strategy 0) on the same labelled subset.
 Then exactly those experiments, by name, go from `dvc exp show --json` into
 metrics/label_efficiency.csv (each row with the params it ran with) and a plot of target test
@@ -70,7 +71,8 @@ def queue(points: list[Point], extra: list[str]) -> None:
         dvc("exp", "run", "--queue", "-n", point.name, *extra,
             "-S", f"data.target_labels_per_class={point.labels}",
             "-S", f"strategy={point.strategy}",
-            "-S", f"finetune.seed={point.seed}")
+            "-S", f"finetune.seed={point.seed}",
+            "finetune")  # its upstream stages only: figures and export add nothing to a point
 
 
 def run_queue(jobs: int, poll_seconds: float = 2.0) -> None:
