@@ -20,6 +20,12 @@ PRETRAINED_MODEL = MODELS / "pretrained.keras"
 FINETUNED_MODEL = MODELS / "finetuned.keras"
 CHECKPOINTS = Path("checkpoints")  # checkpoints/<stage>: the resume state of an interrupted training stage
 
+
+def feature_cache_folder(stage: str) -> Path:
+    """The frozen prefix's cached output while a training stage runs (deleted when it ends)."""
+    return CHECKPOINTS / stage / "features"
+
+
 METRICS = Path("metrics")
 FIGURES = METRICS / "figures"
 LABEL_EFFICIENCY_TABLE = METRICS / "label_efficiency.csv"

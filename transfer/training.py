@@ -15,7 +15,7 @@ faster), checkpoints every epoch when it trains through the base, and evaluates.
 
 from __future__ import annotations
 
-import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,13 +24,14 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from transfer import checkpoints
+from transfer import checkpoints, feature_cache
 from transfer.checkpoints import Checkpoints, Progress
 from transfer.config import Optimisation, Params, Strategy, Training
-from transfer.evaluation import EVAL_BATCH, evaluate_splits, infer
+from transfer.evaluation import EVAL_BATCH, evaluate_splits
+from transfer.feature_cache import inference_batch, not_cached
 from transfer.models import base_of, build_base, classifier, count_params, frozen_prefix, load_model, save_model
-from transfer.paths import PRETRAINED_MODEL, RECORDS, SPLITS
-from transfer.records import Split, check_shards, dataset, epoch_seed, epochs, labels_of, open_split
+from transfer.paths import PRETRAINED_MODEL, RECORDS, SPLITS, feature_cache_folder
+from transfer.records import Split, check_shards, dataset, epochs, labels_of, open_split
 from transfer.runtime import Runtime, by_batch, global_batch, let_keras_fit_across_replicas
 from transfer.strategies import freeze
 
@@ -63,11 +64,19 @@ class Result:
     evaluation: dict | None = None  # {split: scores}; None on workers other than the chief
     test_labels: np.ndarray | None = None
     test_predicted: np.ndarray | None = None
+    feature_cache: dict | None = None  # how the frozen prefix's output was cached (feature_cache.describe)
 
 
 def train_classifier(run: Run, splits: dict[str, Split], params: Params, runtime: Runtime) -> Result:
     """Build, freeze, train on `splits` (see open_task), resuming an interrupted run of the same stage, and
-    evaluate."""
+    evaluate. The feature cache's folder is gone when this returns, or raises."""
+    try:
+        return _train_classifier(run, splits, params, runtime)
+    finally:
+        shutil.rmtree(feature_cache_folder(run.stage), ignore_errors=True)
+
+
+def _train_classifier(run: Run, splits: dict[str, Split], params: Params, runtime: Runtime) -> Result:
     train = splits["train"]
     resumable = checkpoints.for_stage(run.stage) if run.checkpoints else None
     with runtime.distribution.scope():
@@ -79,9 +88,14 @@ def train_classifier(run: Run, splits: dict[str, Split], params: Params, runtime
     batch = global_batch(run.settings.batch_size, runtime)
     shuffle = {"shuffle_buffer": params.training.shuffle_buffer, "seed": run.seed}
     cut = frozen_prefix(model) if run.cache_features else None
-    if cut is not None and feature_bytes(cut[0], sum(s.count for s in splits.values())) > _free_memory() / 2:
-        print(f"{run.stage}: the feature cache would not fit in half the free memory; training through the base")
-        cut = None
+    counts = {name: train_images if name == "train" else split.count for name, split in splits.items()}
+    scratch = feature_cache_folder(run.stage)
+    cache_report = not_cached(None if run.cache_features else "cache_features is off")
+    if run.cache_features and cut is None:
+        cache_report = not_cached("the whole base trains: nothing is frozen to cache")
+    elif cut is not None and (no_room := feature_cache.room_for(cut[0], sum(counts.values()), scratch)):
+        print(f"{run.stage}: {no_room}; training through the base instead (about 10x slower)")
+        cut, cache_report = None, not_cached(no_room)
     if cut is None:
         progress = Progress()
         if resumable is not None:
@@ -98,20 +112,21 @@ def train_classifier(run: Run, splits: dict[str, Split], params: Params, runtime
         # it saves.
         progress, resumable = Progress(), None
         prefix, trained = cut
-        print(f"{run.stage}: caching the output of {len(prefix.layers)} frozen layers")
-        features = infer(prefix, {name: dataset(split, EVAL_BATCH, keep=keep if name == "train" else None)
-                                  for name, split in splits.items()})
-        data = {name: _in_memory(*pair).batch(EVAL_BATCH) for name, pair in features.items()}
-        cached_train = _in_memory(*features["train"])
-
-        def train_epochs(epoch: int) -> tf.data.Dataset:
-            order = epoch_seed(shuffle["seed"], epoch)
-            return (cached_train.shuffle(shuffle["shuffle_buffer"], seed=order, reshuffle_each_iteration=False)
-                    .batch(batch).prefetch(tf.data.AUTOTUNE))
+        images_per_batch = inference_batch(train.image_size)
+        print(f"{run.stage}: caching the output of {len(prefix.layers)} frozen layers for {sum(counts.values())} "
+              f"images in {scratch} ({feature_cache.storage_bytes(prefix, sum(counts.values())) / 2**20:.0f} MiB)")
+        cache = feature_cache.build(prefix, {name: dataset(split, images_per_batch, keep=keep if name == "train"
+                                                           else None) for name, split in splits.items()},
+                                    counts, scratch, bfloat16=runtime.frozen_pass_bfloat16)
+        cache_report = cache.describe()
+        print(f"{run.stage}: cached {cache_report['mib']} MiB of {cache_report['dtype']} features "
+              f"(computed in {cache_report['computed_in']}) in {cache_report['seconds']} s")
+        data = {name: cache.dataset(name, EVAL_BATCH) for name in splits}
+        train_epochs = cache.epochs(batch, shuffle["shuffle_buffer"], shuffle["seed"])
     compile_model(trained, run.settings.learning_rate, params.training, runtime,
                   optimizer=getattr(trained, "optimizer", None) if resumable else None)
     fit(trained, train_epochs, data["val"], run.settings.epochs, progress, train_images, runtime, resumable)
-    result = Result(model, trainable, train_images, progress, train.classes)
+    result = Result(model, trainable, train_images, progress, train.classes, feature_cache=cache_report)
     if runtime.chief:  # inference is no collective: the other workers need not repeat it
         result.evaluation, result.test_labels, result.test_predicted = evaluate_splits(trained, data, train.classes)
     return result
@@ -216,17 +231,3 @@ def fit(model: keras.Model, epoch_data: Callable[[int], tf.data.Dataset], val_da
                       epochs=epoch + 1, callbacks=[recorder], verbose=0,
                       shuffle=False)  # datasets shuffle themselves
     return progress
-
-
-def feature_bytes(prefix: keras.Model, images: int) -> int:
-    """Memory the prefix's float32 output takes for `images` images."""
-    return images * 4 * sum(int(np.prod(tensor.shape[1:])) for tensor in prefix.outputs)
-
-
-def _in_memory(features: tuple[np.ndarray, ...], labels: np.ndarray) -> tf.data.Dataset:
-    inputs = features[0] if len(features) == 1 else features
-    return tf.data.Dataset.from_tensor_slices((inputs, labels))
-
-
-def _free_memory() -> int:
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
