@@ -56,6 +56,7 @@ class FeatureCache:
     counts: dict[str, int]
     seconds: float  # the inference pass and the writing
     computed_in: str  # the dtype the prefix computed in
+    peak_rss_growth: int | None  # bytes the process's peak resident memory grew by while caching (Linux only)
 
     @property
     def record_bytes(self) -> int:
@@ -107,13 +108,14 @@ class FeatureCache:
         """How the features were cached, for the stage's metrics JSON."""
         return {"storage": "disk", "dtype": self.dtype.newbyteorder("=").name, "computed_in": self.computed_in,
                 "images": sum(self.counts.values()), "mib": round(self.bytes / 2**20, 1),
-                "seconds": round(self.seconds, 1), "reason": None}
+                "seconds": round(self.seconds, 1), "reason": None,
+                "peak_rss_growth_mib": None if self.peak_rss_growth is None else round(self.peak_rss_growth / 2**20, 1)}
 
 
 def not_cached(reason: str | None) -> dict:
     """What the metrics JSON says when the stage trained through the base: the same keys as describe()."""
     return {"storage": "none", "dtype": None, "computed_in": None, "images": 0, "mib": 0.0, "seconds": 0.0,
-            "reason": reason}
+            "reason": reason, "peak_rss_growth_mib": None}
 
 
 def inference_batch(image_size: int) -> int:
@@ -167,7 +169,7 @@ def computing_in(model: keras.Model, policy: str) -> keras.Model:
 def write(prefix: keras.Model, datasets: dict[str, tf.data.Dataset], counts: dict[str, int], folder: Path,
           dtype: np.dtype, computed_in: str = "float32") -> FeatureCache:
     """The prefix's output over every dataset, written to shards in `folder` (emptied first)."""
-    started = time.perf_counter()
+    started, resident = time.perf_counter(), _reset_peak_rss()
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     shapes = tuple(tuple(int(d) for d in tensor.shape[1:]) for tensor in prefix.outputs)
@@ -183,8 +185,27 @@ def write(prefix: keras.Model, datasets: dict[str, tf.data.Dataset], counts: dic
         shards[split] = writer.close()
         if writer.written != counts[split]:
             raise RuntimeError(f"feature cache: {split} gave {writer.written} records, expected {counts[split]}")
+    peak = _memory_status().get("VmHWM")
     return FeatureCache(folder, shapes, dtype, shards, dict(counts), time.perf_counter() - started,
-                        computed_in)
+                        computed_in, None if resident is None or peak is None else peak - resident)
+
+
+def _memory_status() -> dict[str, int]:
+    """VmRSS (resident now) and VmHWM (peak resident) of this process in bytes; empty off Linux."""
+    try:
+        lines = Path("/proc/self/status").read_text().splitlines()
+    except OSError:
+        return {}
+    return {line.split(":")[0]: int(line.split()[1]) * 1024 for line in lines if line.startswith(("VmRSS", "VmHWM"))}
+
+
+def _reset_peak_rss() -> int | None:
+    """Make the peak resident memory start again from now (Linux's clear_refs); the resident bytes now."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return None
+    return _memory_status().get("VmRSS")
 
 
 def _records(outputs: list[np.ndarray], labels: np.ndarray, dtype: np.dtype) -> np.ndarray:

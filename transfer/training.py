@@ -4,13 +4,14 @@ pretrain, baseline and finetune are each one `Run` of `train_classifier`, as nan
 train.py is one script for every `init_from`:
 
     stage      task    init                                 freezing
-    pretrain   source  model.weights (imagenet, none, a file)   none: the whole network trains
+    pretrain   source  model.weights (imagenet, none, a file)   pretrain's rule (default all: the whole network)
     baseline   target  random weights                       strategies.0
     finetune   target  models/pretrained.keras              strategies[strategy]
 
 The trainer builds the classifier (a fresh head on the base), freezes it, caches the
-frozen prefix's output when it can (the same model as training through it, many times
-faster), checkpoints every epoch when it trains through the base, and evaluates.
+frozen prefix's output on disk when it can (transfer/feature_cache.py: the same model as
+training through it, many times faster), checkpoints every epoch when it trains through
+the base, and evaluates.
 """
 
 from __future__ import annotations
@@ -138,9 +139,11 @@ def build_classifier(run: Run, params: Params, classes: int, image_size: int) ->
     keras.utils.set_random_seed(run.seed)  # the same fresh head whatever ran before
     backbone = params.model.backbone
     base = base_of(pretrained) if pretrained is not None else build_base(backbone, image_size, run.init)
-    # A pretrained base keeps its BatchNorm statistics (inference mode); a new one learns them.
+    # A pretrained base keeps its BatchNorm statistics (inference mode), and so does one that pretrain partly
+    # freezes (the Keras transfer-learning recipe); a base that trains whole, or from random weights, learns them.
+    keeps_statistics = pretrained is not None or run.strategy is not None and run.strategy.base_weights == "pretrained"
     model = classifier(base, backbone, classes, params.model.head_units, params.model.dropout,
-                       base_training=False if pretrained is not None else None)
+                       base_training=False if keeps_statistics else None)
     if run.strategy is not None:
         freeze(base, run.strategy, backbone)
     return model
