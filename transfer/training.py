@@ -114,7 +114,7 @@ def _train_classifier(run: Run, splits: dict[str, Split], params: Params, runtim
         progress, resumable = Progress(), None
         prefix, trained = cut
         images_per_batch = inference_batch(train.image_size)
-        print(f"{run.stage}: caching the output of {len(prefix.layers)} frozen layers for {sum(counts.values())} "
+        print(f"{run.stage}: caching the frozen prefix's {len(prefix.outputs)} output(s) for {sum(counts.values())} "
               f"images in {scratch} ({feature_cache.storage_bytes(prefix, sum(counts.values())) / 2**20:.0f} MiB)")
         cache = feature_cache.build(prefix, {name: dataset(split, images_per_batch, keep=keep if name == "train"
                                                            else None) for name, split in splits.items()},
