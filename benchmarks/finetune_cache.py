@@ -25,13 +25,12 @@ images, 500 val, 1,000 test; 1: all 30,000).
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from pathlib import Path
 
 import tensorflow as tf
 
-from benchmarks.common import archive_share, arguments, report, run_stages, workspace
+from benchmarks.common import arguments, prepared, report
 from transfer import strategies
 from transfer.config import load_params
 from transfer.feature_cache import computing_in, inference_batch
@@ -54,17 +53,10 @@ def main() -> None:
     parser.add_argument("--workspace", type=Path,
                         help="reuse the records and pretrained model of an earlier run's workspace (its params)")
     args = parser.parse_args()
-    if args.workspace:
-        os.chdir(args.workspace)
-    else:
-        if args.fraction < 1:
-            args.archive, args.md5 = archive_share(args.archive, args.fraction, args.workdir)
-        workspace("finetune_cache", args, {
-            "model.backbone": args.backbone, "model.weights": "none", "preprocess.image_size": args.image_size,
-            "pretrain.epochs": args.pretrain_epochs,
-            "finetune.epochs": args.epochs, "strategy": args.strategy,
-        })
-        run_stages("download", "split", "preprocess", "pretrain")
+    prepared("finetune_cache", args, {
+        "model.backbone": args.backbone, "model.weights": "none", "preprocess.image_size": args.image_size,
+        "pretrain.epochs": args.pretrain_epochs, "finetune.epochs": args.epochs, "strategy": args.strategy,
+    }, ("download", "split", "preprocess", "pretrain"))
 
     splits = open_task("target")
     params = load_params()

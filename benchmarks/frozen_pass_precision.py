@@ -15,13 +15,12 @@ pass_speedup is the float32 pass's time over the bfloat16 pass's (>1: bfloat16 f
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 
 import keras
 import numpy as np
 
-from benchmarks.common import archive_share, arguments, report, run_stages, workspace
+from benchmarks.common import arguments, prepared, report
 from transfer import strategies
 from transfer.config import load_params
 from transfer.models import build_base, classifier
@@ -39,21 +38,16 @@ def main() -> None:
     parser.add_argument("--strategy", type=int, default=2)
     parser.add_argument("--workspace", type=Path, help="an existing benchmark workspace to reuse")
     args = parser.parse_args()
-    if args.workspace:
-        os.chdir(args.workspace)
-    else:
-        if args.fraction < 1:
-            args.archive, args.md5 = archive_share(args.archive, args.fraction, args.workdir)
-        workspace("frozen_pass_precision", args, {
-            "model.weights": "none", "preprocess.image_size": args.image_size,
-            "pretrain.epochs": max(1, args.pretrain_epochs), "finetune.epochs": args.epochs, "strategy": args.strategy})
-        run_stages("download", "split", "preprocess", *(["pretrain"] if args.pretrain_epochs else []))
-        if not args.pretrain_epochs:
-            keras.utils.set_random_seed(0)
-            model = classifier(build_base("inception_v3", args.image_size, "none"), "inception_v3", 5,
-                               load_params().model.head_units, 0.5, base_training=None)
-            PRETRAINED_MODEL.parent.mkdir(exist_ok=True)
-            model.save(PRETRAINED_MODEL)
+    overrides = {"model.weights": "none", "preprocess.image_size": args.image_size,
+                 "pretrain.epochs": max(1, args.pretrain_epochs), "finetune.epochs": args.epochs,
+                 "strategy": args.strategy}
+    stages = ("download", "split", "preprocess", *(["pretrain"] if args.pretrain_epochs else []))
+    if prepared("frozen_pass_precision", args, overrides, stages) and not args.pretrain_epochs:
+        keras.utils.set_random_seed(0)
+        model = classifier(build_base("inception_v3", args.image_size, "none"), "inception_v3", 5,
+                           load_params().model.head_units, 0.5, base_training=None)
+        PRETRAINED_MODEL.parent.mkdir(exist_ok=True)
+        model.save(PRETRAINED_MODEL)
     splits = open_task("target")
     params = load_params()
     chosen = params.chosen_strategy()
