@@ -38,9 +38,9 @@ FALLBACK_DTYPE = np.dtype("<f4")  # when a feature exceeds float16's range (65,5
 UNDERFLOW_SHARE = 0.01  # ... or more of them than this would round to 0 (below about 6e-8)
 LABEL_DTYPE = np.dtype("<i4")
 SHARD_BYTES = 32 << 20  # one shard file: small enough that shuffling the shard order mixes the data
-SHUFFLE_BYTES = 256 << 20  # at most this much of decoded records waits in the training shuffle buffer
+SHUFFLE_BYTES = 256 << 20  # at most this many bytes of stored records wait in the training shuffle buffer
 DISK_MARGIN = 1 << 30  # left free on the disk after the cache is written
-BATCH_PIXELS = 256 * 75 * 75  # images per inference batch x their area: 256 at 75 px, 16 at 299 px
+BATCH_PIXELS = 128 * 75 * 75  # images per inference batch x their area: 128 at 75 px, 8 at 299 px
 CYCLE = 4  # shards read at once by a training epoch
 
 
