@@ -54,6 +54,19 @@ def workspace(name: str, args: argparse.Namespace, overrides: dict[str, object])
     return folder
 
 
+def prepared(name: str, args: argparse.Namespace, overrides: dict[str, object], stages: tuple[str, ...]) -> bool:
+    """Work in args.workspace, an earlier run's workspace, if given (False); else in a fresh workspace on
+    args.fraction of every class of the archive, with `stages` run (True)."""
+    if args.workspace:
+        os.chdir(args.workspace)
+        return False
+    if args.fraction < 1:
+        args.archive, args.md5 = archive_share(args.archive, args.fraction, args.workdir)
+    workspace(name, args, overrides)
+    run_stages(*stages)
+    return True
+
+
 def run_stages(*names: str) -> None:
     """Run the named pipeline stages in order, in the working directory (a workspace), as dvc.yaml runs them.
 

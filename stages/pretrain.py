@@ -1,14 +1,18 @@
 """Stage: pretrain backbone + head on the source task.
 
-The whole network trains (BatchNorm in training mode), initialised from
-model.weights. An interrupted run continues where it stopped (transfer/checkpoints.py).
+By default the whole network trains (BatchNorm in training mode), initialised
+from model.weights, and an interrupted run continues where it stopped
+(transfer/checkpoints.py). With pretrain.trainable_base_layers (or
+frozen_base_layers) the base's first layers stay frozen as in finetune's
+strategies: they keep their weights and BatchNorm statistics, run once over
+the images, and only the rest trains on their cached output.
 """
 
 from __future__ import annotations
 
 import time
 
-from transfer import checkpoints
+from transfer import checkpoints, strategies
 from transfer.config import load_params
 from transfer.errors import run_stage
 from transfer.models import save_model
@@ -25,8 +29,9 @@ def main() -> None:
     started = time.perf_counter()
     params = load_params()
     runtime = set_up(params.training, params.seed)  # first: a multi-worker distribution must exist before TF starts
-    run = Run(stage=STAGE, init=params.model.weights, strategy=None, settings=params.pretrain,
-              seed=params.seed)
+    freezing = strategies.pretraining(params)
+    run = Run(stage=STAGE, init=params.model.weights, strategy=freezing, settings=params.pretrain,
+              seed=params.seed, cache_features=freezing is not None)
     result = train_classifier(run, open_task("source"), params, runtime)
     save_model(result.model, PRETRAINED_MODEL, runtime)
     if not runtime.chief:

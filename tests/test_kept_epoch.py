@@ -98,7 +98,7 @@ def test_pretrain_saves_and_scores_its_best_epoch(project):
 
 def test_finetune_on_cached_features_saves_and_scores_its_best_epoch(project):
     logged = trained(project, "finetune")
-    assert "caching the output of" in logged.stdout  # the cached-features path, which keeps no checkpoint
+    assert "caching the frozen prefix's" in logged.stdout  # the cached-features path, which keeps no checkpoint
     assert_one_line_per_epoch(logged)
     assert_keeps_the_best_epoch(project, "finetune", "models/finetuned.keras")
 

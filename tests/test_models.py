@@ -11,6 +11,7 @@ from transfer import strategies
 from transfer.config import INCEPTION_MIN_SIZE, Strategy, load_params
 from transfer.errors import PipelineError
 from transfer.models import base_of, build_base, classifier, count_params, frozen_prefix
+from transfer.paths import feature_cache_folder
 from transfer.runtime import set_up
 from transfer.strategies import BASE_LAYERS, freeze
 from transfer.training import PRETRAINED, Run, build_classifier, labelled_subset, open_task, train_classifier
@@ -105,7 +106,9 @@ def inception_project(tmp_path_factory, tiny_archive):
     """Target TFRecords at 75 px and a (randomly initialised) pretrained InceptionV3 classifier."""
     project = make_project(tmp_path_factory.mktemp("cache") / "p", tiny_archive,
                            {"model.backbone": "inception_v3", "preprocess.image_size": 75,
-                            "finetune.epochs": 1, "finetune.batch_size": 16,
+                            # One batch of all 54 training images, no dropout: one step whose gradient does not
+                            # depend on the order, which differs between the two paths (the cache shuffles shards).
+                            "finetune.epochs": 1, "finetune.batch_size": 64, "model.dropout": 0.0,
                             "strategies.2.trainable_base_layers": 10},  # cut inside the base, as params.yaml
                            git=False)
     for stage in ("download", "split", "preprocess"):
@@ -122,7 +125,7 @@ def test_cached_features_train_the_same_model_as_the_plain_path(inception_projec
     trained = {}
     for cache in (True, False):
         params = load_params()
-        runtime = set_up(params.training, params.seed)
+        runtime = set_up(params.training.model_copy(update={"mixed_precision": False}), params.seed)
         chosen = params.strategies[strategy]
         # No checkpoints: the plain run must not resume from anything.
         run = Run(stage="finetune", init=PRETRAINED, strategy=chosen,
@@ -131,12 +134,14 @@ def test_cached_features_train_the_same_model_as_the_plain_path(inception_projec
         before = [w.numpy().copy() for w in build_classifier(run, params, 5, 75).trainable_weights]
         result = train_classifier(run, open_task("target"), params, runtime)
         trained[cache] = (before, [w.numpy() for w in result.model.trainable_weights], result.evaluation)
+        assert result.feature_cache["storage"] == ("disk" if cache else "none")
+        assert not feature_cache_folder("finetune").exists()  # deleted when training ends
     (before_cached, after_cached, eval_cached), (before_plain, after_plain, eval_plain) = trained[True], trained[False]
     for start_a, start_b in zip(before_cached, before_plain):
         np.testing.assert_array_equal(start_a, start_b)  # same seed, same fresh head
     assert any(not np.array_equal(a, b) for a, b in zip(before_cached, after_cached))  # it did train
-    for a, b in zip(after_cached, after_plain):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    for a, b in zip(after_cached, after_plain):  # float16 features: about 5e-4 relative
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
     assert eval_cached["test"]["accuracy"] == pytest.approx(eval_plain["test"]["accuracy"], abs=1e-9)
 
 

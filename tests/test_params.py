@@ -38,6 +38,9 @@ BAD_PARAMS = [
     ({"model.backbone": "inception_v3", "preprocess.image_size": 75, "strategies.2.trainable_base_layers": 5000},
      "strategies.2.trainable_base_layers: 5000 is more than inception_v3's 311 base layers"),
     ({"training.mixed_precision": "yes"}, "training.mixed_precision: got 'yes'; input should be 'auto', True or False"),
+    ({"pretrain.trainable_base_layers": 8}, "pretrain.trainable_base_layers: 8 is more than small_cnn's 7 base layers"),
+    ({"pretrain.frozen_base_layers": 2}, "pretrain: give exactly one of trainable_base_layers, frozen_base_layers"),
+    ({"pretrain.trainable_base_layers": "some"}, "pretrain.trainable_base_layers: got 'some'"),
 ]
 
 
@@ -157,3 +160,12 @@ def test_xla_needs_determinism_off(tmp_path, tiny_archive):
     assert result.returncode == 1
     assert last_line(result) == ("error: training.jit_compile=true needs training.deterministic=false: "
                                  "Keras does not compile with XLA under TF op determinism")
+
+
+def test_frozen_pretrain_profile_trains_only_the_head_in_pretrain(tmp_path):
+    profiled = params_copy(tmp_path)
+    apply_overrides(profiled, shlex.split((ROOT / "profiles/frozen-pretrain.args").read_text())[1::2])
+    params = load_params(profiled)
+    assert params.model.backbone == "inception_v3" and params.preprocess.image_size == 299
+    assert strategies.describe(1, strategies.pretraining(params), "inception_v3") == "1: head only"
+    assert strategies.pretraining(load_params(ROOT / "params.yaml")) is None  # the default: the whole network

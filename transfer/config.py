@@ -90,22 +90,32 @@ class Finetune(Optimisation):
     seed: int
 
 
-class Strategy(Section):
-    """How much of the pretrained base trains, and optional finetune overrides."""
+class FreezingRule(Section):
+    """Which base layers train: the last `trainable_base_layers` ("all": every one), or all after the first
+    `frozen_base_layers` (see transfer/strategies.py)."""
 
     trainable_base_layers: Annotated[int, Field(ge=0)] | Literal["all"] | None = None
     frozen_base_layers: Annotated[int, Field(ge=0)] | None = None
-    base_weights: Literal["pretrained", "random"] = "pretrained"
-    epochs: PositiveInt | None = None
-    batch_size: PositiveInt | None = None
-    learning_rate: PositiveFloat | None = None
 
     @model_validator(mode="after")
-    def _one_freezing_rule(self) -> Strategy:
+    def _one_freezing_rule(self) -> FreezingRule:
         given = [self.trainable_base_layers is not None, self.frozen_base_layers is not None]
         if sum(given) != 1:
             raise ValueError("give exactly one of trainable_base_layers, frozen_base_layers")
         return self
+
+
+class Pretrain(Optimisation, FreezingRule):
+    """pretrain's settings; a freezing rule other than trainable_base_layers: all caches the frozen part."""
+
+
+class Strategy(FreezingRule):
+    """How much of the pretrained base trains, and optional finetune overrides."""
+
+    base_weights: Literal["pretrained", "random"] = "pretrained"
+    epochs: PositiveInt | None = None
+    batch_size: PositiveInt | None = None
+    learning_rate: PositiveFloat | None = None
 
 
 class Params(Section):
@@ -115,7 +125,7 @@ class Params(Section):
     preprocess: Preprocess
     model: Model
     training: Training
-    pretrain: Optimisation
+    pretrain: Pretrain
     finetune: Finetune
     strategies: dict[int, Strategy]  # integer keys: DVC sorts them and cannot mix types
 
@@ -134,6 +144,10 @@ class Params(Section):
                 f"model.weights=imagenet exists only for inception_v3, not {self.model.backbone}; "
                 "use none or a path to a weights file"
             )
+        try:
+            first_trainable_layer(self.pretrain, self.model.backbone)
+        except ValueError as error:
+            raise ValueError(f"pretrain.{error}") from None
         for number, strategy in self.strategies.items():  # every entry: a sweep may pick any of them
             try:
                 first_trainable_layer(strategy, self.model.backbone)

@@ -21,6 +21,12 @@ FINETUNED_MODEL = MODELS / "finetuned.keras"
 EXPORT = MODELS / "export"  # the fine-tuned model for serving (SavedModel, TFLite) and its model card
 CHECKPOINTS = Path("checkpoints")  # checkpoints/<stage>: the resume state of an interrupted training stage
 
+
+def feature_cache_folder(stage: str) -> Path:
+    """The frozen prefix's cached output while a training stage runs (deleted when it ends)."""
+    return CHECKPOINTS / stage / "features"
+
+
 METRICS = Path("metrics")
 FIGURES = METRICS / "figures"
 LABEL_EFFICIENCY_TABLE = METRICS / "label_efficiency.csv"

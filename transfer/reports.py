@@ -53,6 +53,7 @@ def metrics_report(result: Result, strategy: int | None, runtime: Runtime, stage
         "runtime": {"gpus": runtime.gpus, "mixed_precision": runtime.mixed_precision,
                     "jit_compile": runtime.jit_compile, "distribute": runtime.distribute,
                     "replicas": runtime.replicas, "workers": runtime.workers},
+        "feature_cache": result.feature_cache,  # how the frozen prefix's output was cached, or why not
     }
     if strategy is not None:
         report["train_images"] = result.train_images

@@ -15,7 +15,7 @@ from transfer.errors import PipelineError
 if TYPE_CHECKING:  # config imports this module to validate strategies
     import keras
 
-    from transfer.config import Finetune, Params, Strategy
+    from transfer.config import Finetune, FreezingRule, Params, Strategy
 
 # len(base.layers) of each backbone, input layer included, whatever the image size.
 # tests/test_models.py builds every backbone and checks this table.
@@ -23,7 +23,7 @@ BASE_LAYERS = {"inception_v3": 311, "small_cnn": 7}
 BASELINE = 0  # the strategy the baseline stage trains, whatever `strategy` says
 
 
-def first_trainable_layer(strategy: Strategy, backbone: str) -> int:
+def first_trainable_layer(strategy: FreezingRule, backbone: str) -> int:
     """Index of the first base layer that trains; the base's layer count when only the head trains.
 
     A count beyond the base is a ValueError starting with the key, rather than
@@ -42,7 +42,7 @@ def first_trainable_layer(strategy: Strategy, backbone: str) -> int:
     return count if key == "frozen_base_layers" else base_layers - count
 
 
-def freeze(base: keras.Model, strategy: Strategy, backbone: str) -> None:
+def freeze(base: keras.Model, strategy: FreezingRule, backbone: str) -> None:
     """Make the base's layers trainable or not as the strategy says (the head always trains)."""
     try:
         first = first_trainable_layer(strategy, backbone)
@@ -57,6 +57,16 @@ def settings(finetune: Finetune, strategy: Strategy) -> Finetune:
     """finetune's epochs, batch size and learning rate after the strategy's overrides."""
     overrides = {name: getattr(strategy, name) for name in ("epochs", "batch_size", "learning_rate")}
     return finetune.model_copy(update={name: value for name, value in overrides.items() if value is not None})
+
+
+def pretraining(params: Params) -> Strategy | None:
+    """pretrain's freezing rule as a strategy over model.weights; None when the whole network trains."""
+    from transfer.config import Strategy
+
+    rule = params.pretrain
+    if rule.trainable_base_layers == "all":
+        return None
+    return Strategy(trainable_base_layers=rule.trainable_base_layers, frozen_base_layers=rule.frozen_base_layers)
 
 
 def baseline(params: Params) -> Strategy:

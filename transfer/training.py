@@ -4,18 +4,19 @@ pretrain, baseline and finetune are each one `Run` of `train_classifier`, as nan
 train.py is one script for every `init_from`:
 
     stage      task    init                                 freezing
-    pretrain   source  model.weights (imagenet, none, a file)   none: the whole network trains
+    pretrain   source  model.weights (imagenet, none, a file)   pretrain's rule (default all: the whole network)
     baseline   target  random weights                       strategies.0
     finetune   target  models/pretrained.keras              strategies[strategy]
 
 The trainer builds the classifier (a fresh head on the base), freezes it, caches the
-frozen prefix's output when it can (the same model as training through it, many times
-faster), checkpoints every epoch when it trains through the base, and evaluates.
+frozen prefix's output on disk when it can (transfer/feature_cache.py: the same model as
+training through it, many times faster), checkpoints every epoch when it trains through
+the base, and evaluates.
 """
 
 from __future__ import annotations
 
-import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,14 +27,15 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from transfer import checkpoints
+from transfer import checkpoints, feature_cache
 from transfer.checkpoints import Checkpoints, Progress, best_weights
 from transfer.config import Optimisation, Params, Strategy, Training
-from transfer.evaluation import EVAL_BATCH, evaluate_splits, infer
+from transfer.evaluation import EVAL_BATCH, evaluate_splits
+from transfer.feature_cache import inference_batch, not_cached
 from transfer.models import base_of, build_base, classifier, count_params, frozen_prefix, load_model, save_model
 from transfer.outputs import write_json
-from transfer.paths import PRETRAINED_MODEL, RECORDS, SPLITS, metrics_file
-from transfer.records import Split, check_shards, dataset, epoch_seed, epochs, labels_of, open_split
+from transfer.paths import PRETRAINED_MODEL, RECORDS, SPLITS, feature_cache_folder, metrics_file
+from transfer.records import Split, check_shards, dataset, epochs, labels_of, open_split
 from transfer.runtime import Runtime, by_batch, global_batch, let_keras_fit_across_replicas
 from transfer.strategies import freeze
 
@@ -67,6 +69,7 @@ class Result:
     test_labels: np.ndarray | None = None
     test_predicted: np.ndarray | None = None
     keep: str = "last"  # training.keep: which epoch `model` is
+    feature_cache: dict | None = None  # how the frozen prefix's output was cached (feature_cache.describe)
 
     @property
     def kept_epoch(self) -> int:
@@ -75,7 +78,14 @@ class Result:
 
 def train_classifier(run: Run, splits: dict[str, Split], params: Params, runtime: Runtime) -> Result:
     """Build, freeze, train on `splits` (see open_task), resuming an interrupted run of the same stage, and
-    evaluate."""
+    evaluate. The feature cache's folder is gone when this returns, or raises."""
+    try:
+        return _train_classifier(run, splits, params, runtime)
+    finally:
+        shutil.rmtree(feature_cache_folder(run.stage), ignore_errors=True)
+
+
+def _train_classifier(run: Run, splits: dict[str, Split], params: Params, runtime: Runtime) -> Result:
     train = splits["train"]
     resumable = checkpoints.for_stage(run.stage) if run.checkpoints else None
     with runtime.distribution.scope():
@@ -87,9 +97,14 @@ def train_classifier(run: Run, splits: dict[str, Split], params: Params, runtime
     batch = global_batch(run.settings.batch_size, runtime)
     shuffle = {"shuffle_buffer": params.training.shuffle_buffer, "seed": run.seed}
     cut = frozen_prefix(model) if run.cache_features else None
-    if cut is not None and feature_bytes(cut[0], sum(s.count for s in splits.values())) > _free_memory() / 2:
-        print(f"{run.stage}: the feature cache would not fit in half the free memory; training through the base")
-        cut = None
+    counts = {name: train_images if name == "train" else split.count for name, split in splits.items()}
+    scratch = feature_cache_folder(run.stage)
+    cache_report = not_cached(None if run.cache_features else "cache_features is off")
+    if run.cache_features and cut is None:
+        cache_report = not_cached("the whole base trains: nothing is frozen to cache")
+    elif cut is not None and (no_room := feature_cache.room_for(cut[0], sum(counts.values()), scratch)):
+        print(f"{run.stage}: {no_room}; training through the base instead (about 10x slower)")
+        cut, cache_report = None, not_cached(no_room)
     if cut is None:
         progress = Progress()
         if resumable is not None:
@@ -106,21 +121,23 @@ def train_classifier(run: Run, splits: dict[str, Split], params: Params, runtime
         # it saves.
         progress, resumable = Progress(), None
         prefix, trained = cut
-        print(f"{run.stage}: caching the output of {len(prefix.layers)} frozen layers")
-        features = infer(prefix, {name: dataset(split, EVAL_BATCH, keep=keep if name == "train" else None)
-                                  for name, split in splits.items()}, doing="caching features of")
-        data = {name: _in_memory(*pair).batch(EVAL_BATCH) for name, pair in features.items()}
-        cached_train = _in_memory(*features["train"])
-
-        def train_epochs(epoch: int) -> tf.data.Dataset:
-            order = epoch_seed(shuffle["seed"], epoch)
-            return (cached_train.shuffle(shuffle["shuffle_buffer"], seed=order, reshuffle_each_iteration=False)
-                    .batch(batch).prefetch(tf.data.AUTOTUNE))
+        images_per_batch = inference_batch(train.image_size)
+        print(f"{run.stage}: caching the frozen prefix's {len(prefix.outputs)} output(s) for {sum(counts.values())} "
+              f"images in {scratch} ({feature_cache.storage_bytes(prefix, sum(counts.values())) / 2**20:.0f} MiB)")
+        cache = feature_cache.build(prefix, {name: dataset(split, images_per_batch, keep=keep if name == "train"
+                                                           else None) for name, split in splits.items()},
+                                    counts, scratch, bfloat16=runtime.frozen_pass_bfloat16)
+        cache_report = cache.describe()
+        print(f"{run.stage}: cached {cache_report['mib']} MiB of {cache_report['dtype']} features "
+              f"(computed in {cache_report['computed_in']}) in {cache_report['seconds']} s")
+        data = {name: cache.dataset(name, EVAL_BATCH) for name in splits}
+        train_epochs = cache.epochs(batch, shuffle["shuffle_buffer"], shuffle["seed"])
     compile_model(trained, run.settings.learning_rate, params.training, runtime,
                   optimizer=getattr(trained, "optimizer", None) if resumable else None)
     fit(trained, train_epochs, data["val"], run.settings.epochs, progress, train_images, runtime, resumable,
         keep=params.training.keep, live=metrics_file(run.stage) if runtime.chief else None)
-    result = Result(model, trainable, train_images, progress, train.classes, keep=params.training.keep)
+    result = Result(model, trainable, train_images, progress, train.classes, keep=params.training.keep,
+                    feature_cache=cache_report)
     if runtime.chief:  # inference is no collective: the other workers need not repeat it
         result.evaluation, result.test_labels, result.test_predicted = evaluate_splits(trained, data, train.classes)
     return result
@@ -132,9 +149,11 @@ def build_classifier(run: Run, params: Params, classes: int, image_size: int) ->
     keras.utils.set_random_seed(run.seed)  # the same fresh head whatever ran before
     backbone = params.model.backbone
     base = base_of(pretrained) if pretrained is not None else build_base(backbone, image_size, run.init)
-    # A pretrained base keeps its BatchNorm statistics (inference mode); a new one learns them.
+    # A pretrained base keeps its BatchNorm statistics (inference mode), and so does one that pretrain partly
+    # freezes (the Keras transfer-learning recipe); a base that trains whole, or from random weights, learns them.
+    keeps_statistics = pretrained is not None or run.strategy is not None and run.strategy.base_weights == "pretrained"
     model = classifier(base, backbone, classes, params.model.head_units, params.model.dropout,
-                       base_training=False if pretrained is not None else None)
+                       base_training=False if keeps_statistics else None)
     if run.strategy is not None:
         freeze(base, run.strategy, backbone)
     return model
@@ -249,17 +268,3 @@ def fit(model: keras.Model, epoch_data: Callable[[int], tf.data.Dataset], val_da
                       shuffle=False)  # datasets shuffle themselves
         recorder.restore_kept()
     return progress
-
-
-def feature_bytes(prefix: keras.Model, images: int) -> int:
-    """Memory the prefix's float32 output takes for `images` images."""
-    return images * 4 * sum(int(np.prod(tensor.shape[1:])) for tensor in prefix.outputs)
-
-
-def _in_memory(features: tuple[np.ndarray, ...], labels: np.ndarray) -> tf.data.Dataset:
-    inputs = features[0] if len(features) == 1 else features
-    return tf.data.Dataset.from_tensor_slices((inputs, labels))
-
-
-def _free_memory() -> int:
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

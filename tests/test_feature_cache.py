@@ -1,0 +1,91 @@
+"""The disk feature cache: what it streams back is what the prefix produced, in a seeded order per epoch."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from transfer import feature_cache
+
+IMAGES = 40  # labels are the image indices, so an image's record can be found in any order
+
+
+def two_output_prefix(scale: float = 1.0) -> keras.Model:
+    """A frozen prefix with two outputs of different shapes, as InceptionV3's strategy-2 prefix has six."""
+    keras.utils.set_random_seed(0)
+    images = keras.Input((6, 6, 3))
+    x = keras.layers.Rescaling(scale)(images)
+    maps = keras.layers.Conv2D(4, 3, padding="same")(x)
+    vector = keras.layers.Dense(5)(keras.layers.Flatten()(x))
+    return keras.Model(images, [maps, vector])
+
+
+def build(tmp_path, prefix: keras.Model, monkeypatch) -> tuple[feature_cache.FeatureCache, dict]:
+    monkeypatch.setattr(feature_cache, "SHARD_BYTES", 1000)  # about 4 records a shard: many shards
+    rng = np.random.default_rng(1)
+    data = {name: (rng.uniform(0, 1, (IMAGES, 6, 6, 3)).astype(np.float32), np.arange(IMAGES, dtype=np.int64))
+            for name in ("train", "test")}
+    datasets = {name: tf.data.Dataset.from_tensor_slices(pair).batch(7) for name, pair in data.items()}
+    cache = feature_cache.build(prefix, datasets, {name: IMAGES for name in data}, tmp_path / "features")
+    return cache, data
+
+
+def collect(dataset: tf.data.Dataset) -> tuple[list[np.ndarray], np.ndarray]:
+    outputs, labels = [], []
+    for features, batch_labels in dataset:
+        outputs.append([part.numpy() for part in features])
+        labels.append(batch_labels.numpy())
+    return [np.concatenate(parts) for parts in zip(*outputs)], np.concatenate(labels)
+
+
+def test_streams_back_exactly_what_the_prefix_produced_in_float16(tmp_path, monkeypatch):
+    prefix = two_output_prefix()
+    cache, data = build(tmp_path, prefix, monkeypatch)
+    assert len(cache.shards["train"]) > 4 and cache.dtype == np.float16
+    assert cache.describe()["storage"] == "disk" and cache.describe()["dtype"] == "float16"
+    expected = [output.numpy() for output in prefix(data["test"][0], training=False)]
+    outputs, labels = collect(cache.dataset("test", 9))
+    np.testing.assert_array_equal(labels, data["test"][1])  # in order, as int64
+    assert labels.dtype == np.int64
+    for got, want in zip(outputs, expected):
+        assert got.dtype == np.float32 and got.shape == want.shape
+        np.testing.assert_array_equal(got, want.astype(np.float16).astype(np.float32))
+
+
+def test_each_epoch_shuffles_by_its_seed_and_keeps_every_record(tmp_path, monkeypatch):
+    prefix = two_output_prefix()
+    cache, data = build(tmp_path, prefix, monkeypatch)
+    expected = [output.numpy().astype(np.float16).astype(np.float32)
+                for output in prefix(data["train"][0], training=False)]
+    epochs = cache.epochs(batch_size=8, shuffle_buffer=10, seed=3)
+    orders = {}
+    for epoch in (0, 1):
+        outputs, labels = collect(epochs(epoch))
+        assert sorted(labels) == list(range(IMAGES))  # every record once
+        for got, want in zip(outputs, expected):  # each record's features travel with its label
+            np.testing.assert_array_equal(got, want[labels])
+        orders[epoch] = labels
+    assert not np.array_equal(orders[0], orders[1])
+    assert not np.array_equal(orders[0], np.arange(IMAGES))
+    np.testing.assert_array_equal(collect(epochs(0))[1], orders[0])  # a rerun of epoch 0
+    np.testing.assert_array_equal(collect(cache.epochs(8, 10, seed=3)(1))[1], orders[1])  # a new run, epoch 1
+    assert not np.array_equal(collect(cache.epochs(8, 10, seed=4)(0))[1], orders[0])
+
+
+@pytest.mark.parametrize("scale", [1e6, 1e-9])
+def test_features_beyond_float16_are_stored_in_float32(tmp_path, monkeypatch, capsys, scale):
+    prefix = two_output_prefix(scale=scale)
+    cache, data = build(tmp_path, prefix, monkeypatch)
+    assert cache.dtype == np.float32 and "storing float32 instead" in capsys.readouterr().out
+    outputs, _ = collect(cache.dataset("train", 16))
+    np.testing.assert_array_equal(outputs[0], prefix(data["train"][0], training=False)[0].numpy())
+
+
+def test_no_room_on_the_disk_says_how_much_is_needed(tmp_path, monkeypatch):
+    prefix = two_output_prefix()
+    assert feature_cache.room_for(prefix, 100, tmp_path / "a" / "features") is None
+    monkeypatch.setattr(feature_cache, "DISK_MARGIN", 1 << 60)
+    reason = feature_cache.room_for(prefix, 100, tmp_path / "features")
+    assert reason.startswith(f"the feature cache needs 0.0 GiB in {tmp_path / 'features'}") and "free" in reason

@@ -1,0 +1,46 @@
+"""InceptionV3 at 299 px, the reference resolution, through the real `dvc repro` on a handful of images.
+
+Kept cheap for a slow CPU: 2 images per class and split, one epoch, and nothing trains through the whole
+network: pretrain trains only the head (on the cached pooled features), and so does the baseline, on a frozen
+random base, so each stage runs InceptionV3 once over its images and trains a small rest on the cache.
+"""
+
+from __future__ import annotations
+
+import json
+
+from helpers import make_project, run
+
+from transfer.paths import CHECKPOINTS
+
+REFERENCE = {
+    "model.backbone": "inception_v3",
+    "preprocess.image_size": 299,
+    "data.max_per_class": 2,
+    "pretrain.epochs": 1,
+    "pretrain.trainable_base_layers": 0,
+    "strategies.0.trainable_base_layers": 0,
+    "finetune.epochs": 1,
+    "strategy": 2,
+    "strategies.2.trainable_base_layers": 10,  # params.yaml's strategy 2: the prefix has six 8x8 maps
+}
+
+
+def test_inception_at_299_px_caches_strategy_2s_six_maps_on_disk(tmp_path, tiny_archive):
+    project = make_project(tmp_path / "p", tiny_archive, REFERENCE)
+    result = run(["dvc", "repro", "finetune"], project)
+    assert "finetune: caching the frozen prefix's 6 output(s) for" in result.stdout
+    metrics = {stage: json.loads((project / f"metrics/{stage}.json").read_text())
+               for stage in ("pretrain", "baseline", "finetune")}
+    finetune = metrics["finetune"]
+    cache = finetune["feature_cache"]
+    assert cache["storage"] == "disk" and cache["dtype"] == "float16", cache
+    assert finetune["train_images"] + 2 <= cache["images"] <= 20  # train, val and test: 2 a class at most each
+    # Per image: 8x8 maps of 2,048 channels in all, 2 bytes each, plus a 4-byte label.
+    assert cache["mib"] == round(cache["images"] * (8 * 8 * 2048 * 2 + 4) / 2**20, 1)
+    for stage in ("pretrain", "baseline"):  # only the head trains: the pooled 2,048 features are cached
+        assert metrics[stage]["feature_cache"]["storage"] == "disk" and metrics[stage]["trainable_params"] < 300_000
+        assert metrics[stage]["feature_cache"]["mib"] < cache["mib"] / 10
+    for report in metrics.values():
+        assert 0 <= report["test"]["accuracy"] <= 1 and report["epochs"] == 1
+    assert not (project / CHECKPOINTS).exists() or not any((project / CHECKPOINTS).rglob("*.bin"))

@@ -1,0 +1,259 @@
+"""The frozen prefix's output, computed once and streamed from disk while the trainable rest trains.
+
+At 299 px the prefix's output is large (strategy 2 of InceptionV3: six 8x8 maps, 2,048 channels,
+256 KiB per image in float16; 7.3 GiB for the 30,000 target images), so it lives in files, not
+in memory:
+
+- one inference pass per split, in batches sized by image area (the activations of a batch, not
+  the number of images, bound the memory), each batch written at once to fixed-length records
+  (an int32 label, then every output flattened) in shards of about SHARD_BYTES;
+- features are stored in float16: half of float32's bytes, and its 11-bit significand keeps the
+  features closer than bfloat16's 8 bits (measured on InceptionV3's strategy-1 and -2 prefixes at 75
+  and 299 px: 1.7e-4 mean relative error against 1.4e-3); bfloat16's wider range is not needed: a batch
+  that does not fit float16 (too large, or too many features rounding to 0) switches the whole cache to
+  float32, and the log says so;
+- each training epoch reads the shards in an order drawn from records.epoch_seed(seed, epoch),
+  interleaved, through a shuffle buffer of at most SHUFFLE_BYTES, so a rerun or a resumed run sees
+  exactly the same batches; val and test are read in order;
+- the caller deletes the folder when the stage ends, however it ends (training.train_classifier).
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+from tqdm import tqdm
+
+from transfer.records import epoch_seed
+
+STORAGE_DTYPE = np.dtype("<f2")  # float16, little-endian as tf.io.decode_raw reads it
+FALLBACK_DTYPE = np.dtype("<f4")  # when a feature exceeds float16's range (65,504)
+UNDERFLOW_SHARE = 0.01  # ... or more of them than this would round to 0 (below about 6e-8)
+LABEL_DTYPE = np.dtype("<i4")
+SHARD_BYTES = 32 << 20  # one shard file: small enough that shuffling the shard order mixes the data
+SHUFFLE_BYTES = 256 << 20  # at most this many bytes of stored records wait in the training shuffle buffer
+DISK_MARGIN = 1 << 30  # left free on the disk after the cache is written
+BATCH_PIXELS = 128 * 75 * 75  # images per inference batch x their area: 128 at 75 px, 8 at 299 px
+CYCLE = 4  # shards read at once by a training epoch
+
+
+class _OutOfRange(Exception):
+    """A feature does not fit the storage dtype."""
+
+
+@dataclass(frozen=True)
+class FeatureCache:
+    """Features of every split on disk, and how to read them back as tf.data datasets."""
+
+    folder: Path
+    shapes: tuple[tuple[int, ...], ...]  # one per prefix output, without the batch axis
+    dtype: np.dtype
+    shards: dict[str, tuple[Path, ...]]
+    counts: dict[str, int]
+    seconds: float  # the inference pass and the writing
+    computed_in: str  # the dtype the prefix computed in
+    peak_rss_growth: int | None  # bytes the process's peak resident memory grew by while caching (Linux only)
+
+    @property
+    def record_bytes(self) -> int:
+        return LABEL_DTYPE.itemsize + self.dtype.itemsize * sum(math.prod(shape) for shape in self.shapes)
+
+    @property
+    def bytes(self) -> int:
+        return self.record_bytes * sum(self.counts.values())
+
+    def dataset(self, split: str, batch_size: int) -> tf.data.Dataset:
+        """Every record of `split` once, in the order it was written, batched."""
+        records = tf.data.FixedLengthRecordDataset([str(path) for path in self.shards[split]], self.record_bytes)
+        return self._decoded(records, batch_size, self.counts[split])
+
+    def epochs(self, batch_size: int, shuffle_buffer: int, seed: int) -> Callable[[int], tf.data.Dataset]:
+        """epoch -> that epoch's shuffled training batches; the order depends on (seed, epoch) alone."""
+        shards = [str(path) for path in self.shards["train"]]
+        buffer = max(1, min(shuffle_buffer, SHUFFLE_BYTES // self.record_bytes))
+
+        def epoch_data(epoch: int) -> tf.data.Dataset:
+            order = epoch_seed(seed, epoch)
+            files = [shards[i] for i in np.random.default_rng(order).permutation(len(shards))]
+            records = tf.data.Dataset.from_tensor_slices(files).interleave(
+                lambda path: tf.data.FixedLengthRecordDataset(path, self.record_bytes),
+                cycle_length=min(CYCLE, len(files)), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+            records = records.shuffle(buffer, seed=order, reshuffle_each_iteration=False)
+            return self._decoded(records, batch_size, self.counts["train"])
+
+        return epoch_data
+
+    def _decoded(self, records: tf.data.Dataset, batch_size: int, count: int) -> tf.data.Dataset:
+        # Decoding a batch of records at once: one op per output instead of one per record.
+        offsets = np.cumsum([LABEL_DTYPE.itemsize] + [self.dtype.itemsize * math.prod(s) for s in self.shapes])
+        stored = tf.dtypes.as_dtype(self.dtype.newbyteorder("="))
+
+        def decode(batch: tf.Tensor) -> tuple:
+            labels = tf.io.decode_raw(tf.strings.substr(batch, 0, LABEL_DTYPE.itemsize), tf.int32)
+            outputs = tuple(
+                tf.cast(tf.reshape(tf.io.decode_raw(tf.strings.substr(batch, start, end - start), stored),
+                                   (-1, *shape)), tf.float32)
+                for start, end, shape in zip(offsets[:-1], offsets[1:], self.shapes))
+            return outputs[0] if len(outputs) == 1 else outputs, tf.cast(tf.reshape(labels, (-1,)), tf.int64)
+
+        batches = records.batch(batch_size).map(decode, num_parallel_calls=tf.data.AUTOTUNE)
+        return batches.apply(tf.data.experimental.assert_cardinality(math.ceil(count / batch_size))).prefetch(
+            tf.data.AUTOTUNE)
+
+    def describe(self) -> dict:
+        """How the features were cached, for the stage's metrics JSON."""
+        return {"storage": "disk", "dtype": self.dtype.newbyteorder("=").name, "computed_in": self.computed_in,
+                "images": sum(self.counts.values()), "mib": round(self.bytes / 2**20, 1),
+                "seconds": round(self.seconds, 1), "reason": None,
+                "peak_rss_growth_mib": None if self.peak_rss_growth is None else round(self.peak_rss_growth / 2**20, 1)}
+
+
+def not_cached(reason: str | None) -> dict:
+    """What the metrics JSON says when the stage trained through the base: the same keys as describe()."""
+    return {"storage": "none", "dtype": None, "computed_in": None, "images": 0, "mib": 0.0, "seconds": 0.0,
+            "reason": reason, "peak_rss_growth_mib": None}
+
+
+def inference_batch(image_size: int) -> int:
+    """Images per inference batch: the same pixels per batch at every size, so memory does not grow with it."""
+    return max(1, BATCH_PIXELS // (image_size * image_size))
+
+
+def storage_bytes(prefix: keras.Model, images: int) -> int:
+    """Disk the cache of `images` images takes in the storage dtype."""
+    per_image = sum(math.prod(tensor.shape[1:]) for tensor in prefix.outputs)
+    return images * (LABEL_DTYPE.itemsize + STORAGE_DTYPE.itemsize * per_image)
+
+
+def room_for(prefix: keras.Model, images: int, folder: Path) -> str | None:
+    """None if the disk under `folder` holds the cache with DISK_MARGIN to spare, else why not."""
+    needed = storage_bytes(prefix, images)
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    if needed + DISK_MARGIN <= free:
+        return None
+    return (f"the feature cache needs {needed / 2**30:.1f} GiB in {folder} and {DISK_MARGIN / 2**30:.0f} GiB "
+            f"to spare, but only {free / 2**30:.1f} GiB is free")
+
+
+def build(prefix: keras.Model, datasets: dict[str, tf.data.Dataset], counts: dict[str, int], folder: Path,
+          bfloat16: bool = False) -> FeatureCache:
+    """Run `prefix` once over each dataset of (images, labels) and write its output under `folder`.
+
+    bfloat16: compute the pass in bfloat16 (a CPU with AMX runs it faster; see runtime.frozen_pass_bfloat16).
+    The caller deletes `folder` when it is done with the cache.
+    """
+    computed_in = "bfloat16" if bfloat16 else keras.config.dtype_policy().compute_dtype
+    prefix = computing_in(prefix, "mixed_bfloat16") if bfloat16 else prefix
+    try:
+        return write(prefix, datasets, counts, folder, STORAGE_DTYPE, computed_in)
+    except _OutOfRange as overflow:
+        print(f"feature cache: {overflow}; storing float32 instead")
+        return write(prefix, datasets, counts, folder, FALLBACK_DTYPE, computed_in)
+
+
+def computing_in(model: keras.Model, policy: str) -> keras.Model:
+    """A copy of `model` (nested models too) whose layers compute in the dtype policy `policy`, same weights."""
+    def with_policy(layer: keras.layers.Layer) -> keras.layers.Layer:
+        return layer.__class__.from_config({**layer.get_config(), "dtype": keras.DTypePolicy(policy)})
+
+    copy = keras.models.clone_model(model, clone_function=with_policy, recursive=True)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def write(prefix: keras.Model, datasets: dict[str, tf.data.Dataset], counts: dict[str, int], folder: Path,
+          dtype: np.dtype, computed_in: str = "float32") -> FeatureCache:
+    """The prefix's output over every dataset, written to shards in `folder` (emptied first)."""
+    started, resident = time.perf_counter(), _reset_peak_rss()
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    shapes = tuple(tuple(int(d) for d in tensor.shape[1:]) for tensor in prefix.outputs)
+    record_bytes = LABEL_DTYPE.itemsize + dtype.itemsize * sum(math.prod(shape) for shape in shapes)
+    per_shard = max(1, SHARD_BYTES // record_bytes)
+    step = tf.function(lambda inputs: prefix(inputs, training=False), reduce_retracing=True)
+    shards = {}
+    for split, data in datasets.items():
+        writer = _ShardWriter(folder, split, per_shard)
+        batches = int(data.cardinality())
+        # disable=None: drawn only on a terminal; logs stay as they were.
+        for images, labels in tqdm(data, total=batches if batches >= 0 else None, desc=f"caching features of {split}",
+                                   unit="batch", leave=False, disable=None):
+            outputs = [part.numpy() for part in tf.nest.flatten(step(images))]
+            writer.add(_records(outputs, labels.numpy(), dtype))
+        shards[split] = writer.close()
+        if writer.written != counts[split]:
+            raise RuntimeError(f"feature cache: {split} gave {writer.written} records, expected {counts[split]}")
+    peak = _memory_status().get("VmHWM")
+    return FeatureCache(folder, shapes, dtype, shards, dict(counts), time.perf_counter() - started,
+                        computed_in, None if resident is None or peak is None else peak - resident)
+
+
+def _memory_status() -> dict[str, int]:
+    """VmRSS (resident now) and VmHWM (peak resident) of this process in bytes; empty off Linux."""
+    try:
+        lines = Path("/proc/self/status").read_text().splitlines()
+    except OSError:
+        return {}
+    return {line.split(":")[0]: int(line.split()[1]) * 1024 for line in lines if line.startswith(("VmRSS", "VmHWM"))}
+
+
+def _reset_peak_rss() -> int | None:
+    """Make the peak resident memory start again from now (Linux's clear_refs); the resident bytes now."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return None
+    return _memory_status().get("VmRSS")
+
+
+def _records(outputs: list[np.ndarray], labels: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """One row of bytes per image: its label, then each output flattened in `dtype`."""
+    parts = [labels.astype(LABEL_DTYPE).reshape(-1, 1).view(np.uint8)]
+    for output in outputs:
+        with np.errstate(over="ignore"):  # an overflow is detected just below
+            stored = output.astype(dtype).reshape(len(labels), -1)
+        if not np.isfinite(stored).all() and np.isfinite(output).all():
+            raise _OutOfRange(f"a feature of magnitude {np.abs(output).max():.3g} does not fit {dtype.name}")
+        if np.count_nonzero((stored == 0) & (output.reshape(stored.shape) != 0)) > UNDERFLOW_SHARE * output.size:
+            raise _OutOfRange(f"more than {UNDERFLOW_SHARE:.0%} of the features are too small for {dtype.name}")
+        parts.append(stored.view(np.uint8))
+    return np.concatenate(parts, axis=1)
+
+
+class _ShardWriter:
+    """Rows of bytes into files of at most `per_shard` rows: <split>-00000.bin, <split>-00001.bin, ..."""
+
+    def __init__(self, folder: Path, split: str, per_shard: int):
+        self.folder, self.split, self.per_shard = folder, split, per_shard
+        self.paths: list[Path] = []
+        self.file = None
+        self.written = 0
+
+    def add(self, rows: np.ndarray) -> None:
+        while len(rows):
+            room = self.per_shard - self.written % self.per_shard
+            if self.written % self.per_shard == 0:
+                self._next_file()
+            self.file.write(rows[:room].tobytes())
+            self.written += len(rows[:room])
+            rows = rows[room:]
+
+    def _next_file(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        self.paths.append(self.folder / f"{self.split}-{len(self.paths):05d}.bin")
+        self.file = open(self.paths[-1], "wb")
+
+    def close(self) -> tuple[Path, ...]:
+        if self.file is not None:
+            self.file.close()
+        return tuple(self.paths)
