@@ -149,3 +149,35 @@ def test_a_failed_dvc_command_is_one_line_naming_it_up_to_its_overrides(tmp_path
     message = str(raised.value)
     assert message.startswith("`dvc exp run --queue ...` failed: ERROR: you are not inside of a DVC repository")
     assert "\n" not in message and "strategy=" not in message  # a profile's overrides would run on for lines
+
+
+def test_rows_carry_each_runs_numbers_and_unfinished_or_failed_runs_are_refused():
+    strategies = {0: SCRATCH, 1: {"trainable_base_layers": 0}}
+    every = Point("t", "null", "1", "1")
+    failed, errored, unfinished = (Point("t", "10", seed, "1") for seed in ("2", "3", "4"))
+    finished = shown_experiment(Point("t", "10", "1", "1"), strategies, 0.6)
+    del finished["name"]  # a queued experiment's name sits on its range, not on the revision
+    finished["data"]["params"]["params.yaml"]["data"]["data"]["target_labels_per_class"] = None
+    for file, accuracy in (("metrics/finetune.json", 0.6), ("metrics/baseline.json", 0.5)):
+        finished["data"]["metrics"][file]["data"] = {"train_images": 25,
+                                                     "test": {"accuracy": accuracy, "macro_f1": accuracy - 0.1}}
+    running = shown_experiment(unfinished, strategies, 0.7)
+    del running["data"]["metrics"]["metrics/finetune.json"]["data"]["test"]  # only the parent's keys: no test
+    shown = [{"experiments": [
+        {"name": every.name, "revs": [finished]},
+        {"executor": {"state": "failed"}, "revs": [shown_experiment(failed, strategies, 0.7)]},  # no "error"
+        {"revs": [shown_experiment(errored, strategies, 0.7, error={"msg": "boom"})]},
+        {"executor": {"state": "running"}, "revs": [running]},
+    ]}]
+    with pytest.raises(PipelineError) as refused:
+        collect(shown, [every, failed, errored, unfinished])
+    assert str(refused.value) == (f"point {failed} failed (failed); see `dvc queue logs {failed.name}` (and 2 more); "
+                                  "nothing written (--skip-failed leaves failed points out)")
+    table = collect(shown, [every, failed, errored, unfinished], skip_failed=True)
+    assert table.index.tolist() == [0, 1]
+    assert table.to_dict("records") == [
+        {"experiment": every.name, "strategy": strategy, "strategy_name": name, "labels_per_class": "all",
+         "seed": 1, "epochs": 2, "batch_size": 8, "learning_rate": 0.001, "backbone": "small_cnn",
+         "weights": "none", "image_size": 32, "images_per_class": 12, "test_accuracy": accuracy,
+         "test_macro_f1": pytest.approx(accuracy - 0.1)}
+        for strategy, name, accuracy in ((0, "0: from scratch", 0.5), (1, "1: head only", 0.6))]

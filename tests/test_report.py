@@ -74,3 +74,49 @@ def test_report_without_target_compares_the_workspace(project):
         run(["git", "checkout", "--", "metrics/finetune.json"], project)
     assert metrics[0] == ["Path", "Metric", "base", "workspace", "Change"]
     assert [row[1:] for row in metrics[1:]] == [["test.accuracy", "0.25", "0.5", "0.25"]]  # loss is unchanged
+
+
+def test_build_report_in_process_shows_metrics_params_and_no_plot(project, monkeypatch, tmp_path):
+    """The same report built in this process (mutation testing sees only in-process calls)."""
+    from tools.report import build_report
+
+    monkeypatch.chdir(project)
+    report = build_report("base", "HEAD", tmp_path / "report.md")
+    assert report.startswith("## Pipeline report: `HEAD` against `base`\n\n### Metrics\n\n")
+    rows = {row[1]: row[2:] for row in table(report, "Metrics")[1:]}
+    assert rows == {"test.accuracy": ["0.25", "0.75", "0.5"], "test.loss": ["1.5", "1.2", "-0.3"]}
+    assert table(report, "Params")[1][1:] == ["finetune.learning_rate", "0.1", "0.01"]
+    assert report.endswith("### Plots\n\nNo plot changed.\n")
+
+
+def vega(rows_by_revision: dict[str, list[dict]]) -> dict:
+    values = [{**row, "rev": revision} for revision, rows in rows_by_revision.items() for row in rows]
+    return {"type": "vega", "revisions": list(rows_by_revision), "content": {"data": {"values": values}}}
+
+
+def image(revision: str, path) -> dict:
+    return {"type": "image", "revisions": [revision], "url": str(path)}
+
+
+def test_changed_plots_names_data_that_differ_and_images_redrawn_new_or_gone_base_first(tmp_path):
+    from tools.report import changed_plots
+
+    pictures = {}
+    for name, content in {"old": b"1", "new": b"2", "same_a": b"3", "same_b": b"3", "added": b"4"}.items():
+        pictures[name] = tmp_path / "plots" / f"{name}.png"
+        pictures[name].parent.mkdir(exist_ok=True)
+        pictures[name].write_bytes(content)
+    loss = [{"epoch": 1, "loss": 2.0}, {"epoch": 2, "loss": 1.0}]
+    plots = {
+        "history.csv": [vega({"main": loss, "HEAD": [loss[0], {"epoch": 2, "loss": 0.5}]})],
+        "unchanged.csv": [vega({"main": loss, "HEAD": list(reversed(loss))})],  # same rows, other order
+        "new.csv": [vega({"HEAD": loss})],
+        "redrawn.png": [image("HEAD", pictures["new"]), image("main", pictures["old"])],
+        "identical.png": [image("main", pictures["same_a"]), image("HEAD", pictures["same_b"])],
+        "added.png": [image("HEAD", pictures["added"])],
+    }
+    data_plots, images = changed_plots(plots, ["main", "HEAD", "workspace"], tmp_path)
+    assert data_plots == ["history.csv", "new.csv"]
+    assert images == {"redrawn.png": [("main", pictures["old"].relative_to(tmp_path)),
+                                      ("HEAD", pictures["new"].relative_to(tmp_path))],
+                      "added.png": [("HEAD", pictures["added"].relative_to(tmp_path))]}
