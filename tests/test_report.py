@@ -109,7 +109,9 @@ def test_changed_plots_names_data_that_differ_and_images_redrawn_new_or_gone_bas
     loss = [{"epoch": 1, "loss": 2.0}, {"epoch": 2, "loss": 1.0}]
     plots = {
         "history.csv": [vega({"main": loss, "HEAD": [loss[0], {"epoch": 2, "loss": 0.5}]})],
-        "unchanged.csv": [vega({"main": loss, "HEAD": list(reversed(loss))})],  # same rows, other order
+        # The same rows in another order, their keys too.
+        "unchanged.csv": [vega({"main": loss, "HEAD": [{"loss": 1.0, "epoch": 2}, {"loss": 2.0, "epoch": 1}]})],
+        "empty.csv": [{"type": "vega", "revisions": ["main", "HEAD"], "content": {}}],
         "new.csv": [vega({"HEAD": loss})],
         "redrawn.png": [image("HEAD", pictures["new"]), image("main", pictures["old"])],
         "identical.png": [image("main", pictures["same_a"]), image("HEAD", pictures["same_b"])],
