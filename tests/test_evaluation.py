@@ -17,32 +17,32 @@ from transfer.runtime import Runtime
 from transfer.training import Result
 
 NAMES = ("a", "b", "c", "d", "e")
-# Rows are actual classes: a is classified right 2 of 3 times (once as d), b 1 of 2, c 1 of 1;
-# d is predicted once but never occurs, e neither occurs nor is predicted.
-LABELS = np.array([0, 0, 0, 1, 1, 2])
-PREDICTED = np.array([0, 0, 3, 1, 2, 2])
+# (actual, predicted): a is right 2 of 3 times and predicted 3 times; b right 1 of 3, predicted twice; c right
+# 1 of 3, predicted 4 times; d predicted once but never occurs; e occurs once and is never predicted.
+PAIRS = [(0, 0), (0, 0), (0, 3), (1, 1), (1, 2), (1, 2), (2, 1), (2, 2), (2, 0), (4, 2)]
+LABELS, PREDICTED = np.array([actual for actual, _ in PAIRS]), np.array([predicted for _, predicted in PAIRS])
 
 
 def test_accuracy_is_the_share_of_argmax_hits_and_loss_the_mean_negative_log_of_the_true_class():
     probabilities = np.array([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6], [0.5, 0.4, 0.1], [0.0, 1.0, 0.0]])
-    labels = np.array([0, 2, 1, 0])
+    labels = np.array([0, 2, 0, 0])
     result = scores(labels, probabilities)
-    assert result["accuracy"] == 0.5
+    assert result["accuracy"] == 0.75
     # The true class's probability 0 counts as 1e-7, not as an infinite loss.
-    assert result["loss"] == pytest.approx((-math.log(0.7) - math.log(0.6) - math.log(0.4) - math.log(1e-7)) / 4)
+    assert result["loss"] == pytest.approx((-math.log(0.7) - math.log(0.6) - math.log(0.5) - math.log(1e-7)) / 4)
 
 
 def test_per_class_precision_is_over_predictions_and_recall_over_actual_images():
     report = per_class(LABELS, PREDICTED, NAMES)
     assert report["per_class"] == {
-        "a": {"precision": 1.0, "recall": 0.666667, "f1": 0.8},
-        "b": {"precision": 1.0, "recall": 0.5, "f1": 0.666667},
-        "c": {"precision": 0.5, "recall": 1.0, "f1": 0.666667},
-        "d": {"precision": 0.0, "recall": 0.0, "f1": 0.0},  # predicted, never right: no division by zero
-        "e": {"precision": 0.0, "recall": 0.0, "f1": 0.0},  # never seen at all
+        "a": {"precision": 0.666667, "recall": 0.666667, "f1": 0.666667},
+        "b": {"precision": 0.5, "recall": 0.333333, "f1": 0.4},  # F1 = 2pr / (p + r), also when p + r < 1
+        "c": {"precision": 0.25, "recall": 0.333333, "f1": 0.285714},
+        "d": {"precision": 0.0, "recall": 0.0, "f1": 0.0},  # predicted, never right; no image: no division by 0
+        "e": {"precision": 0.0, "recall": 0.0, "f1": 0.0},  # never predicted: no division by zero
     }
-    assert report["per_class_accuracy"] == {"a": 0.666667, "b": 0.5, "c": 1.0, "d": 0.0, "e": 0.0}
-    assert report["macro_f1"] == round((0.8 + 2 / 3 + 2 / 3) / 5, 6)
+    assert report["per_class_accuracy"] == {"a": 0.666667, "b": 0.333333, "c": 0.333333, "d": 0.0, "e": 0.0}
+    assert report["macro_f1"] == round((2 / 3 + 0.4 + 2 / 7) / 5, 6)
     assert list(report["per_class"]) == list(NAMES) == list(report["per_class_accuracy"])
 
 
