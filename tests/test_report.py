@@ -87,6 +87,9 @@ def test_build_report_in_process_shows_metrics_params_and_no_plot(project, monke
     assert rows == {"test.accuracy": ["0.25", "0.75", "0.5"], "test.loss": ["1.5", "1.2", "-0.3"]}
     assert table(report, "Params")[1][1:] == ["finetune.learning_rate", "0.1", "0.01"]
     assert report.endswith("### Plots\n\nNo plot changed.\n")
+    workspace = build_report("base", None, tmp_path / "workspace.md")  # no target: the workspace (= HEAD here)
+    assert workspace.startswith("## Pipeline report: this change against `base`\n")
+    assert table(workspace, "Metrics")[0] == ["Path", "Metric", "base", "workspace", "Change"]
 
 
 def vega(rows_by_revision: dict[str, list[dict]]) -> dict:
