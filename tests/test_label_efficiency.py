@@ -136,9 +136,11 @@ def test_a_failed_experiment_with_its_parents_metrics_is_no_data_point():
          "revs": [shown_experiment(failed, {0: SCRATCH, 1: {"trainable_base_layers": 0}}, 0.52,
                                    error={"msg": "stage finetune failed"})]},
     ]}]
-    with pytest.raises(PipelineError, match=r"^point s-5-9-s1 \(labels_per_class=5, seed=9, strategy=1\) failed "
-                                            r"\(stage finetune failed\); see `dvc queue logs s-5-9-s1`"):
+    with pytest.raises(PipelineError) as refused:
         collect(shown, [good, failed])
+    assert str(refused.value) == ("point s-5-9-s1 (labels_per_class=5, seed=9, strategy=1) failed (stage finetune "
+                                  "failed); see `dvc queue logs s-5-9-s1`; nothing written (--skip-failed leaves "
+                                  "failed points out)")  # one problem: no "(and N more)"
     assert collect(shown, [good, failed], skip_failed=True)["experiment"].tolist() == [good.name, good.name]
 
 
@@ -149,3 +151,48 @@ def test_a_failed_dvc_command_is_one_line_naming_it_up_to_its_overrides(tmp_path
     message = str(raised.value)
     assert message.startswith("`dvc exp run --queue ...` failed: ERROR: you are not inside of a DVC repository")
     assert "\n" not in message and "strategy=" not in message  # a profile's overrides would run on for lines
+
+
+def test_rows_carry_each_runs_numbers_and_unfinished_or_failed_runs_are_refused(capsys):
+    strategies = {0: SCRATCH, 1: {"trainable_base_layers": 0}}
+    every = Point("t", "null", "1", "1")
+    failed, errored, unfinished, unwritten, queued = (Point("t", "10", seed, "1") for seed in "23456")
+    finished = shown_experiment(Point("t", "10", "1", "1"), strategies, 0.6)
+    del finished["name"]  # a queued experiment's name sits on its range, not on the revision
+    finished["data"]["params"]["params.yaml"]["data"]["data"]["target_labels_per_class"] = None
+    for file, accuracy in (("metrics/finetune.json", 0.6), ("metrics/baseline.json", 0.5)):
+        finished["data"]["metrics"][file]["data"] = {"train_images": 25,
+                                                     "test": {"accuracy": accuracy, "macro_f1": accuracy - 0.1}}
+    running = shown_experiment(unfinished, strategies, 0.7)
+    del running["data"]["metrics"]["metrics/finetune.json"]["data"]["test"]  # only the parent's keys: no test
+    no_metrics = shown_experiment(unwritten, strategies, 0.7)
+    del no_metrics["data"]["metrics"]["metrics/finetune.json"]
+    shown = [{"experiments": [
+        {"name": every.name, "revs": [finished]},
+        {"executor": {"state": "failed"}, "revs": [shown_experiment(failed, strategies, 0.7)]},  # no "error"
+        {"revs": [shown_experiment(errored, strategies, 0.7, error={"msg": "boom"})]},
+        {"executor": {"state": "running"}, "revs": [running]},
+        {"revs": [no_metrics]},
+        {"executor": {"state": "queued"}, "name": queued.name, "revs": [{"rev": "abc"}]},  # nothing shown yet
+        {"name": "no-revisions"},
+    ]}]
+    points = [every, failed, errored, unfinished, unwritten, queued]
+    with pytest.raises(PipelineError) as refused:
+        collect(shown, points)
+    assert str(refused.value) == (f"point {failed} failed (failed); see `dvc queue logs {failed.name}` (and 4 more); "
+                                  "nothing written (--skip-failed leaves failed points out)")
+    capsys.readouterr()
+    table = collect(shown, points, skip_failed=True)
+    assert capsys.readouterr().out.splitlines() == [
+        f"label_efficiency: skipped point {failed} failed (failed); see `dvc queue logs {failed.name}`",
+        f"label_efficiency: skipped point {errored} failed (boom); see `dvc queue logs {errored.name}`",
+        f"label_efficiency: skipped point {unfinished} has no metrics/finetune.json (state running)",
+        f"label_efficiency: skipped point {unwritten} has no metrics/finetune.json (state unknown)",
+        f"label_efficiency: skipped point {queued} has no metrics/finetune.json (state queued)"]
+    assert table.index.tolist() == [0, 1]
+    assert table.to_dict("records") == [
+        {"experiment": every.name, "strategy": strategy, "strategy_name": name, "labels_per_class": "all",
+         "seed": 1, "epochs": 2, "batch_size": 8, "learning_rate": 0.001, "backbone": "small_cnn",
+         "weights": "none", "image_size": 32, "images_per_class": 12, "test_accuracy": accuracy,
+         "test_macro_f1": pytest.approx(accuracy - 0.1)}
+        for strategy, name, accuracy in ((0, "0: from scratch", 0.5), (1, "1: head only", 0.6))]

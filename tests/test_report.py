@@ -123,3 +123,57 @@ def test_report_without_target_compares_the_workspace(project):
 def test_report_of_no_change_says_so(project):
     report = report_of(project, "--target", "base")
     assert section_of(report, "Metrics").strip() == "No metric changed."
+
+
+def test_build_report_in_process_shows_metrics_params_and_no_plot(project, monkeypatch, tmp_path):
+    """The same report built in this process (mutation testing sees only in-process calls)."""
+    from tools.report import build_report
+
+    monkeypatch.chdir(project)
+    report = build_report("base", "HEAD", tmp_path / "report.md")
+    assert report.startswith("## Pipeline report: `HEAD` against `base`\n\n### Metrics\n\n")
+    rows = {row[1]: row[2:] for row in table(report, "Metrics")[1:]}
+    assert rows == {"test.accuracy": ["0.25", "0.75", "0.5"], "test.macro_f1": ["0.2", "0.7", "0.5"],
+                    "trainable_params": ["1000", "1000", "0"], "kept_epoch": ["3", "5", "2"]}
+    [(_, metric, *values)] = details(report, "Metrics")["Other metrics: 1 changed"][1:]
+    assert (metric, values[:2]) == ("test.loss", ["1.5", "1.2"]) and float(values[2]) == pytest.approx(-0.3)
+    assert table(report, "Params")[1][1:] == ["finetune.learning_rate", "0.1", "0.01"]
+    assert report.endswith("### Plots\n\nNo plot changed.\n")
+    workspace = build_report("base", None, tmp_path / "workspace.md")  # no target: the workspace (= HEAD here)
+    assert workspace.startswith("## Pipeline report: this change against `base`\n")
+    assert table(workspace, "Metrics")[0] == ["Path", "Metric", "base", "workspace", "Change"]
+
+
+def vega(rows_by_revision: dict[str, list[dict]]) -> dict:
+    values = [{**row, "rev": revision} for revision, rows in rows_by_revision.items() for row in rows]
+    return {"type": "vega", "revisions": list(rows_by_revision), "content": {"data": {"values": values}}}
+
+
+def image(revision: str, path) -> dict:
+    return {"type": "image", "revisions": [revision], "url": str(path)}
+
+
+def test_changed_plots_names_data_that_differ_and_images_redrawn_new_or_gone_base_first(tmp_path):
+    from tools.report import changed_plots
+
+    pictures = {}
+    for name, content in {"old": b"1", "new": b"2", "same_a": b"3", "same_b": b"3", "added": b"4"}.items():
+        pictures[name] = tmp_path / "plots" / f"{name}.png"
+        pictures[name].parent.mkdir(exist_ok=True)
+        pictures[name].write_bytes(content)
+    loss = [{"epoch": 1, "loss": 2.0}, {"epoch": 2, "loss": 1.0}]
+    plots = {
+        "history.csv": [vega({"main": loss, "HEAD": [loss[0], {"epoch": 2, "loss": 0.5}]})],
+        # The same rows in another order, their keys too.
+        "unchanged.csv": [vega({"main": loss, "HEAD": [{"loss": 1.0, "epoch": 2}, {"loss": 2.0, "epoch": 1}]})],
+        "empty.csv": [{"type": "vega", "revisions": ["main", "HEAD"], "content": {}}],
+        "new.csv": [vega({"HEAD": loss})],
+        "redrawn.png": [image("HEAD", pictures["new"]), image("main", pictures["old"])],
+        "identical.png": [image("main", pictures["same_a"]), image("HEAD", pictures["same_b"])],
+        "added.png": [image("HEAD", pictures["added"])],
+    }
+    data_plots, images = changed_plots(plots, ["main", "HEAD", "workspace"], tmp_path)
+    assert data_plots == ["history.csv", "new.csv"]
+    assert images == {"redrawn.png": [("main", pictures["old"].relative_to(tmp_path)),
+                                      ("HEAD", pictures["new"].relative_to(tmp_path))],
+                      "added.png": [("HEAD", pictures["added"].relative_to(tmp_path))]}
