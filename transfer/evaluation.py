@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -10,21 +12,27 @@ from tqdm import tqdm
 EVAL_BATCH = 256  # images per inference batch: no gradients, so larger than a training batch
 
 
-def infer(model: keras.Model, datasets: dict, doing: str = "evaluating",
-          ) -> dict[str, tuple[tuple[np.ndarray, ...], np.ndarray]]:
-    """Run `model` in inference mode over each dataset of (inputs, labels): {name: (its outputs, labels)}.
+def inference_step(model: keras.Model) -> tf.types.experimental.PolymorphicFunction:
+    """`model` in inference mode as one traced function: each trace of a large network costs seconds."""
+    return tf.function(lambda inputs: model(inputs, training=False), reduce_retracing=True)
 
-    One traced function serves every dataset: each trace of a large network costs seconds. On a terminal
-    a progress bar per dataset says what is `doing`.
+
+def batches(data: tf.data.Dataset, doing: str) -> Iterable:
+    """The batches of `data`, under a progress bar saying what is `doing` when the output is a terminal.
+
+    disable=None: drawn only on a terminal; logs stay as they were.
     """
-    step = tf.function(lambda inputs: model(inputs, training=False), reduce_retracing=True)
+    count = int(data.cardinality())
+    return tqdm(data, total=count if count >= 0 else None, desc=doing, unit="batch", leave=False, disable=None)
+
+
+def infer(model: keras.Model, datasets: dict) -> dict[str, tuple[tuple[np.ndarray, ...], np.ndarray]]:
+    """Run `model` in inference mode over each dataset of (inputs, labels): {name: (its outputs, labels)}."""
+    step = inference_step(model)
     results = {}
     for name, data in datasets.items():
         outputs, labels = [], []
-        batches = int(data.cardinality())
-        # disable=None: drawn only on a terminal; logs stay as they were.
-        for inputs, batch_labels in tqdm(data, total=batches if batches >= 0 else None, desc=f"{doing} {name}",
-                                         unit="batch", leave=False, disable=None):
+        for inputs, batch_labels in batches(data, f"evaluating {name}"):
             result = step(inputs)
             # Copies: .numpy() shares TensorFlow's output buffer, and holding on to those buffers
             # halved the throughput of InceptionV3 here.

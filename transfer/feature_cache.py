@@ -30,8 +30,8 @@ from pathlib import Path
 import keras
 import numpy as np
 import tensorflow as tf
-from tqdm import tqdm
 
+from transfer.evaluation import batches, inference_step
 from transfer.records import epoch_seed
 
 STORAGE_DTYPE = np.dtype("<f2")  # float16, little-endian as tf.io.decode_raw reads it
@@ -179,14 +179,11 @@ def write(prefix: keras.Model, datasets: dict[str, tf.data.Dataset], counts: dic
     shapes = tuple(tuple(int(d) for d in tensor.shape[1:]) for tensor in prefix.outputs)
     record_bytes = LABEL_DTYPE.itemsize + dtype.itemsize * sum(math.prod(shape) for shape in shapes)
     per_shard = max(1, SHARD_BYTES // record_bytes)
-    step = tf.function(lambda inputs: prefix(inputs, training=False), reduce_retracing=True)
+    step = inference_step(prefix)
     shards = {}
     for split, data in datasets.items():
         writer = _ShardWriter(folder, split, per_shard)
-        batches = int(data.cardinality())
-        # disable=None: drawn only on a terminal; logs stay as they were.
-        for images, labels in tqdm(data, total=batches if batches >= 0 else None, desc=f"caching features of {split}",
-                                   unit="batch", leave=False, disable=None):
+        for images, labels in batches(data, f"caching features of {split}"):
             outputs = [part.numpy() for part in tf.nest.flatten(step(images))]
             writer.add(_records(outputs, labels.numpy(), dtype))
         shards[split] = writer.close()
