@@ -104,8 +104,8 @@ class FeatureCache:
                 for start, end, shape in zip(offsets[:-1], offsets[1:], self.shapes))
             return outputs[0] if len(outputs) == 1 else outputs, tf.cast(tf.reshape(labels, (-1,)), tf.int64)
 
-        batches = records.batch(batch_size).map(decode, num_parallel_calls=tf.data.AUTOTUNE)
-        return batches.apply(tf.data.experimental.assert_cardinality(math.ceil(count / batch_size))).prefetch(
+        decoded = records.batch(batch_size).map(decode, num_parallel_calls=tf.data.AUTOTUNE)
+        return decoded.apply(tf.data.experimental.assert_cardinality(math.ceil(count / batch_size))).prefetch(
             tf.data.AUTOTUNE)
 
     def describe(self) -> dict:
