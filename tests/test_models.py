@@ -113,6 +113,7 @@ def inception_project(tmp_path_factory, tiny_archive):
                            git=False)
     for stage in ("download", "split", "preprocess"):
         run_stage(stage, project, check=True)
+    keras.utils.set_random_seed(0)  # the same "pretrained" weights whichever tests ran before in this process
     model = classifier(build_base("inception_v3", 75, "none"), "inception_v3", 5, 16, 0.5, base_training=None)
     (project / "models").mkdir()
     model.save(project / "models/pretrained.keras")
