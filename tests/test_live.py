@@ -1,9 +1,11 @@
-"""While a queued experiment trains, `dvc exp show` shows its latest epoch: the real dvc queue, polled.
+"""While a queued experiment trains, `dvc exp show` shows its latest epoch and `dvc plots diff <name>` its
+curve so far: the real dvc queue, polled.
 
 DVC 3 collects a running queued experiment by opening its temporary workspace (.dvc/tmp/exps/...) as a
 repo and reading the metrics files dvc.yaml declares there (dvc/repo/experiments/queue/celery.py,
 collect_active_data). A training stage writes its latest epoch into its own metrics file under `live`
-every epoch, and its final metrics replace it when it ends.
+every epoch, and its final metrics replace it when it ends; it rewrites its history CSV every epoch too, which
+`dvc plots diff` reads from the same temporary workspace for a running experiment's name.
 """
 
 from __future__ import annotations
@@ -21,11 +23,29 @@ EPOCHS = 60  # a third of a second each on the tiny archive here (checkpoint inc
 POLL_DEADLINE_S = 600
 
 
-def pretrain_metrics(project) -> dict[str, tuple[str | None, dict | None]]:
+def shown(project, command: list[str], while_running: bool = False) -> dict | None:
+    """The JSON a dvc command prints. While a queued experiment runs, None when the command failed: DVC reads
+    the experiment's temporary workspace, which the queue creates and removes under it."""
+    result = run(command, project, check=not while_running)
+    return json.loads(result.stdout) if result.returncode == 0 else None
+
+
+def pretrain_curve(project, experiment: str, while_running: bool = False) -> list[dict] | None:
+    """The rows of metrics/pretrain_history.csv that `dvc plots diff <experiment> --json` shows for it."""
+    plots = shown(project, ["dvc", "plots", "diff", experiment, "--json"], while_running)
+    if plots is None:
+        return None
+    rows = []
+    for entry in plots.get("data", {}).get("metrics/pretrain_history.csv", []):
+        rows += [row for row in entry["content"]["data"]["values"] if row.get("rev") == experiment]
+    return rows
+
+
+def pretrain_metrics(project, while_running: bool = False) -> dict[str, tuple[str | None, dict | None]]:
     """{experiment name: (its state, metrics/pretrain.json as `dvc exp show --json` reports it)}."""
-    shown = json.loads(run(["dvc", "exp", "show", "--json"], project).stdout)
+    table = shown(project, ["dvc", "exp", "show", "--json"], while_running)
     found = {}
-    for experiment in experiments(shown):
+    for experiment in experiments(table or []):
         files = (experiment.get("data") or {}).get("metrics") or {}
         found[experiment["name"]] = (experiment["state"], (files.get("metrics/pretrain.json") or {}).get("data"))
     return found
@@ -33,27 +53,30 @@ def pretrain_metrics(project) -> dict[str, tuple[str | None, dict | None]]:
 
 @pytest.fixture(scope="module")
 def watched(tmp_path_factory, tiny_archive):
-    """Queue a long pretrain, start the queue and poll `dvc exp show` while it runs: the live epochs seen."""
+    """Queue a long pretrain, start the queue and poll `dvc exp show` and `dvc plots diff` while it runs: the live
+    epochs and the curves seen."""
     project = make_project(tmp_path_factory.mktemp("live") / "p", tiny_archive, {"pretrain.epochs": EPOCHS})
     run(["dvc", "exp", "run", "--queue", "-n", "watched", "pretrain"], project)
     # Not run(): the worker it starts inherits its output, and capturing that would wait for the worker to end.
     started = finish(start(["dvc", "queue", "start"], project), timeout=120)
     assert started.returncode == 0, started.stderr
-    seen = []
+    seen, curves = [], []
     deadline = time.monotonic() + POLL_DEADLINE_S
     while time.monotonic() < deadline:
-        state, metrics = pretrain_metrics(project).get("watched", (None, None))
+        state, metrics = pretrain_metrics(project, while_running=True).get("watched", (None, None))
         if state == "running" and metrics and "live" in metrics:
             seen.append(metrics["live"])
-        if state in ("success", "failed") or len({live["epoch"] for live in seen}) >= 3:
+            if (curve := pretrain_curve(project, "watched", while_running=True)) is not None:
+                curves.append(curve)
+        if state in ("success", "failed") or len({len(curve) for curve in curves}) >= 3:
             break
         time.sleep(2)  # not faster: DVC's file broker and a busy poller do not mix (treeverse/dvc-task#73)
     status = wait_for_queue(project)
-    return project, seen, status
+    return project, seen, curves, status
 
 
 def test_exp_show_shows_the_latest_epoch_of_a_running_experiment(watched):
-    _, seen, status = watched
+    _, seen, _, status = watched
     assert "Success" in status, status
     epochs = [live["epoch"] for live in seen]
     assert len(set(epochs)) >= 3, seen  # it moved on while we watched
@@ -63,8 +86,18 @@ def test_exp_show_shows_the_latest_epoch_of_a_running_experiment(watched):
         assert {"loss", "accuracy", "val_loss", "val_accuracy"} <= set(live)
 
 
+def test_plots_show_the_curve_so_far_of_a_running_experiment(watched):
+    project, _, curves, _ = watched
+    lengths = [len(curve) for curve in curves]
+    assert len(set(lengths)) >= 3 and lengths == sorted(lengths), lengths  # it grew while the experiment ran
+    final = pretrain_curve(project, "watched")  # the finished experiment's history, as committed
+    assert len(final) == EPOCHS
+    for curve in curves:  # every curve seen was the final one so far, value for value
+        assert curve == final[:len(curve)]
+
+
 def test_the_finished_experiment_shows_its_results_not_an_epoch(watched):
-    project, _, _ = watched
+    project, _, _, _ = watched
     state, metrics = pretrain_metrics(project)["watched"]
     assert state == "success"
     assert "live" not in metrics

@@ -20,7 +20,6 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import keras
 import numpy as np
@@ -34,8 +33,9 @@ from transfer.evaluation import EVAL_BATCH, evaluate_splits
 from transfer.feature_cache import inference_batch, not_cached
 from transfer.models import base_of, build_base, classifier, count_params, frozen_prefix, load_model, save_model
 from transfer.outputs import write_json
-from transfer.paths import PRETRAINED_MODEL, RECORDS, SPLITS, feature_cache_folder, metrics_file
+from transfer.paths import PRETRAINED_MODEL, RECORDS, SPLITS, feature_cache_folder, history_file, metrics_file
 from transfer.records import Split, check_shards, dataset, epochs, labels_of, open_split
+from transfer.reports import write_history
 from transfer.runtime import Runtime, by_batch, global_batch, let_keras_fit_across_replicas
 from transfer.strategies import freeze
 
@@ -135,7 +135,7 @@ def _train_classifier(run: Run, splits: dict[str, Split], params: Params, runtim
     compile_model(trained, run.settings.learning_rate, params.training, runtime,
                   optimizer=getattr(trained, "optimizer", None) if resumable else None)
     fit(trained, train_epochs, data["val"], run.settings.epochs, progress, train_images, runtime, resumable,
-        keep=params.training.keep, live=metrics_file(run.stage) if runtime.chief else None)
+        keep=params.training.keep, live=run.stage if runtime.chief else None)
     result = Result(model, trainable, train_images, progress, train.classes, keep=params.training.keep,
                     feature_cache=cache_report)
     if runtime.chief:  # inference is no collective: the other workers need not repeat it
@@ -198,11 +198,12 @@ def compile_model(model: keras.Model, learning_rate: float, training: Training, 
 
 class EpochRecorder(keras.callbacks.Callback):
     """Record each epoch in `progress` and print it (under a progress bar on a terminal); keep the best epoch's
-    weights when training.keep=best; publish the latest epoch in `live` (the stage's metrics file, which
-    `dvc exp show` reads while the experiment runs); checkpoint model and progress when given checkpoints."""
+    weights when training.keep=best; publish the latest epoch of stage `live` in its metrics file (which
+    `dvc exp show` reads while the experiment runs) and its curve so far in its history CSV (which
+    `dvc plots` reads); checkpoint model and progress when given checkpoints."""
 
     def __init__(self, progress: Progress, epochs: int, images_per_epoch: int, checkpoints: Checkpoints | None,
-                 runtime: Runtime, keep: str = "last", live: Path | None = None):
+                 runtime: Runtime, keep: str = "last", live: str | None = None):
         super().__init__()
         self.progress, self.epochs, self.images_per_epoch = progress, epochs, images_per_epoch
         self.checkpoints, self.runtime, self.keep, self.live = checkpoints, runtime, keep, live
@@ -233,7 +234,8 @@ class EpochRecorder(keras.callbacks.Callback):
             self.best_weights = self.model.get_weights()
         if self.live is not None:
             # Replaced by the stage's metrics when it ends; read_metrics refuses a file that is still live.
-            write_json(self.live, {"live": {"epoch": epoch + 1, "epochs": self.epochs, **logs}})
+            write_json(metrics_file(self.live), {"live": {"epoch": epoch + 1, "epochs": self.epochs, **logs}})
+            write_history(history_file(self.live), self.progress.history)  # the stage ends with the same file
         if self.checkpoints is None:
             return
         if self.runtime.chief:
@@ -249,13 +251,13 @@ class EpochRecorder(keras.callbacks.Callback):
 
 def fit(model: keras.Model, epoch_data: Callable[[int], tf.data.Dataset], val_data: tf.data.Dataset, epochs: int,
         progress: Progress, images_per_epoch: int, runtime: Runtime, checkpoints: Checkpoints | None = None,
-        keep: str = "last", live: Path | None = None) -> Progress:
+        keep: str = "last", live: str | None = None) -> Progress:
     """Train until `epochs` in total, continuing after progress.epochs_done; only the chief keeps checkpoints.
     The model ends with the weights of the epoch `keep` names (training.keep: best or last).
 
     `epoch_data(e)` is epoch e's training data, batched at the global batch size (Keras splits every
     batch across the replicas). One fit() call per epoch, so that each epoch reads its own data,
-    whatever epoch a resumed run starts from. `live`: a JSON file to show the latest epoch in.
+    whatever epoch a resumed run starts from. `live`: the stage whose metrics and history show each epoch.
     """
     recorder = EpochRecorder(progress, epochs, images_per_epoch, checkpoints, runtime, keep, live)
     recorder.set_model(model)
