@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
+import yaml
 from helpers import ROOT, make_project, run
 
 from transfer.cli import main
@@ -197,6 +198,13 @@ def test_the_registry_finds_both_artifacts_from_a_clone(project, tmp_path, capsy
     assert capsys.readouterr().out.split("\t")[0] == predicted_in_csv(project)[0]
 
 
+def split_front_matter(card: str) -> tuple[dict, str]:
+    """The YAML block between the opening `---` lines, parsed, and the Markdown after it."""
+    opening, front, body = card.split("---\n", 2)
+    assert opening == "", "the card must open with its metadata block"
+    return yaml.safe_load(front), body
+
+
 def test_the_model_card_says_what_the_metrics_and_params_say(project):
     card = (project / "models/export/MODEL_CARD.md").read_text()
     finetune = json.loads((project / "metrics/finetune.json").read_text())
@@ -206,7 +214,15 @@ def test_the_model_card_says_what_the_metrics_and_params_say(project):
 
     params = load_params(project / "params.yaml")
     test = finetune["test"]
-    assert card.startswith("# Model card: CIFAR-10 classifier for dog, frog, horse, ship, truck\n")
+    front, body = split_front_matter(card)
+    assert body.startswith("# Model card: CIFAR-10 classifier for dog, frog, horse, ship, truck\n")
+    # Hugging Face's model card metadata, parsed back as a hub would
+    assert front["library_name"] == "keras" and front["datasets"] == ["cifar10"]
+    assert front["pipeline_tag"] == "image-classification" and front["license"] == params.export.license
+    (result,) = front["model-index"][0]["results"]
+    assert result["task"]["type"] == "image-classification" and result["dataset"]["type"] == "cifar10"
+    assert result["dataset"]["split"] == "test"
+    assert result["metrics"] == [{"type": "accuracy", "value": round(test["accuracy"], 6), "name": "Test accuracy"}]
     expected_lines = [
         f"archive md5 `{params.data.md5}`",
         "`small_cnn` (initial weights: none), pretrained on the other CIFAR-10 classes "

@@ -41,6 +41,7 @@ BAD_PARAMS = [
     ({"pretrain.trainable_base_layers": 8}, "pretrain.trainable_base_layers: 8 is more than small_cnn's 7 base layers"),
     ({"pretrain.frozen_base_layers": 2}, "pretrain: give exactly one of trainable_base_layers, frozen_base_layers"),
     ({"pretrain.trainable_base_layers": "some"}, "pretrain.trainable_base_layers: got 'some'"),
+    ({"export.license": "Apache 2.0"}, "export.license: got 'Apache 2.0': String should match pattern"),
 ]
 
 

@@ -118,6 +118,10 @@ class Strategy(FreezingRule):
     learning_rate: PositiveFloat | None = None
 
 
+class Export(Section):
+    license: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9.+-]*$")]  # an id of the model hubs' license list
+
+
 class Params(Section):
     seed: int
     strategy: int
@@ -128,6 +132,7 @@ class Params(Section):
     pretrain: Pretrain
     finetune: Finetune
     strategies: dict[int, Strategy]  # integer keys: DVC sorts them and cannot mix types
+    export: Export
 
     @model_validator(mode="after")
     def _consistent(self) -> Params:

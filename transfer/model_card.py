@@ -1,9 +1,13 @@
 """The model card: a short Markdown page on what the fine-tuned model is and is not good for.
 
 Every number comes from the pipeline's metrics and params (the export stage passes them in), none by hand.
+It opens with the YAML metadata block that model hubs read (Hugging Face's model card spec:
+huggingface.co/docs/hub/model-cards), so the card can be a model repository's README.md as it is.
 """
 
 from __future__ import annotations
+
+import yaml
 
 from transfer.config import Params
 from transfer.models import Description
@@ -22,11 +26,12 @@ def model_card(description: Description, params: Params, finetune: dict, baselin
     backbone = params.model.backbone
     stored = "raw pixels" if storage.encoding == "raw" else f"JPEG at quality {storage.jpeg_quality}"
     epochs = finetune["epochs"]
-    kept = finetune.get("kept_epoch")  # written since the kept-epoch choice (train.keep); older runs kept the last
+    kept = finetune.get("kept_epoch")  # written since the kept-epoch choice (training.keep); older runs kept the last
     keep = finetune.get("keep", "last")
     kept_text = f"epoch {kept} of {epochs} (keep: {keep})" if kept is not None else f"the last of {epochs} epochs"
     source = ", ".join(pretrain["test"]["per_class"])
     lines = [
+        metadata(f"cifar10-{backbone}-{'-'.join(classes)}", classes, params.export.license, test["accuracy"]),
         f"# Model card: CIFAR-10 classifier for {', '.join(classes)}",
         "",
         "Written by the export stage from metrics/*.json and params.yaml; rerun `dvc repro` rather than edit it.",
@@ -79,3 +84,23 @@ def model_card(description: Description, params: Params, finetune: dict, baselin
         "above by the caller (TFLite cannot decode images); outputs the probabilities in `labels.txt`'s order.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def metadata(name: str, classes: tuple[str, ...], license_id: str, test_accuracy: float) -> str:
+    """The front matter of Hugging Face's model card spec: library, data set, task and the test accuracy."""
+    fields = {
+        "library_name": "keras",
+        "license": license_id,
+        "datasets": ["cifar10"],
+        "pipeline_tag": "image-classification",
+        "tags": ["transfer-learning", "dvc"],
+        "model-index": [{
+            "name": name,
+            "results": [{
+                "task": {"type": "image-classification", "name": "Image Classification"},
+                "dataset": {"type": "cifar10", "name": f"CIFAR-10 ({', '.join(classes)})", "split": "test"},
+                "metrics": [{"type": "accuracy", "value": round(test_accuracy, 6), "name": "Test accuracy"}],
+            }],
+        }],
+    }
+    return f"---\n{yaml.safe_dump(fields, sort_keys=False)}---\n"
