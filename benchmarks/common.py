@@ -48,7 +48,7 @@ def workspace(name: str, args: argparse.Namespace, overrides: dict[str, object])
         else:
             shutil.copy(ROOT / item, folder / item)
     small_cnn = overrides.get("model.backbone") == "small_cnn"
-    write_overrides(folder / "params.yaml", {"data.url": str(args.archive.resolve()), "data.md5": args.md5,
+    write_overrides(folder / "params.yaml", {"data.sources": [{"url": str(args.archive.resolve()), "md5": args.md5}],
                                              **(SMALL_CNN_STRATEGIES if small_cnn else {}), **overrides})
     os.chdir(folder)
     return folder

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from transfer.cifar10 import Cifar10, write_archive
+from transfer.cifar10 import Cifar10, read_archive, write_archive
 from transfer.config import CIFAR10_CLASSES
 from transfer.config import write_overrides as set_params  # noqa: F401  (tests import it from here)
 
@@ -40,6 +41,11 @@ def write_learnable_archive(path: Path, train_per_class: int = 12, test_per_clas
     return write_archive(path, Cifar10(train_images, train_labels, test_images, test_labels, CIFAR10_CLASSES))
 
 
+def repickle(archive: Path, path: Path, protocol: int = 2) -> Path:
+    """The same images, labels and layout as `archive`, in other bytes: its batches pickled at `protocol`."""
+    return write_archive(path, read_archive(archive), dumps=lambda batch: pickle.dumps(batch, protocol=protocol))
+
+
 def md5_of(path: Path) -> str:
     import hashlib
 
@@ -64,8 +70,15 @@ TINY_PARAMS = {
 }
 
 
-def make_project(folder: Path, archive: Path, overrides: dict | None = None, git: bool = True) -> Path:
-    """A copy of the project in `folder`, set to tiny sizes and the given archive."""
+def sources(*archives: Path | tuple[str, Path]) -> list[dict]:
+    """data.sources for archives (their path) or (url, archive) pairs (the url, the archive's md5)."""
+    pairs = [item if isinstance(item, tuple) else (str(item), item) for item in archives]
+    return [{"url": url, "md5": md5_of(archive)} for url, archive in pairs]
+
+
+def make_project(folder: Path, archive: Path, overrides: dict | None = None, git: bool = True,
+                 tiny: bool = True) -> Path:
+    """A copy of the project in `folder`, set to tiny sizes (unless not `tiny`) and the given archive."""
     folder.mkdir(parents=True, exist_ok=True)
     for name in PROJECT_FILES:
         source = ROOT / name
@@ -74,7 +87,7 @@ def make_project(folder: Path, archive: Path, overrides: dict | None = None, git
         else:
             shutil.copy2(source, folder / name)
     (folder / ".gitignore").write_text("/data/\n/models/\n/checkpoints/\n__pycache__/\n")
-    set_params(folder / "params.yaml", {**TINY_PARAMS, "data.url": str(archive), "data.md5": md5_of(archive),
+    set_params(folder / "params.yaml", {**(TINY_PARAMS if tiny else {}), "data.sources": sources(archive),
                                        **(overrides or {})})
     if git:
         run(["git", "init", "-q"], folder)

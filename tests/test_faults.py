@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-from helpers import finish, make_project, md5_of, run, set_params, start, write_learnable_archive
+from helpers import finish, make_project, run, set_params, sources, start, write_learnable_archive
 
 from transfer.records import check_shards, open_split
 
@@ -166,7 +166,7 @@ def test_changed_seed_discards_the_baseline_checkpoint(project):
 def test_changed_data_with_the_same_counts_discards_the_finetune_checkpoint(project, tmp_path):
     kill_after_an_epoch(project, "finetune")
     other = write_learnable_archive(tmp_path / "other.tar.gz", train_per_class=60, test_per_class=10, noise_seed=5)
-    set_params(project / "params.yaml", {"data.url": str(other), "data.md5": md5_of(other)})
+    set_params(project / "params.yaml", {"data.sources": sources(other)})
     result = run(["dvc", "repro", "finetune"], project)
     assert "discarding checkpoint in checkpoints/finetune: data/tfrecords, metrics/baseline.json" in result.stdout
     assert "resuming" not in result.stdout

@@ -224,7 +224,7 @@ def test_the_model_card_says_what_the_metrics_and_params_say(project):
     assert result["dataset"]["split"] == "test"
     assert result["metrics"] == [{"type": "accuracy", "value": round(test["accuracy"], 6), "name": "Test accuracy"}]
     expected_lines = [
-        f"archive md5 `{params.data.md5}`",
+        "from the first of params.yaml's `data.sources` that was there (`metrics/download.json` names it",
         "`small_cnn` (initial weights: none), pretrained on the other CIFAR-10 classes "
         f"(airplane, automobile, bird, cat, deer) to {pretrain['test']['accuracy']:.2%} source test accuracy",
         f"**Fine-tuning strategy**: {describe(1, params.chosen_strategy(), 'small_cnn')}; "

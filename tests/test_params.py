@@ -19,7 +19,7 @@ BAD_PARAMS = [
     ({"data.val_fraction": 1.5}, "data.val_fraction: got 1.5: Input should be less than 1"),
     ({"data.val_fraction": 0}, "data.val_fraction: got 0: Input should be greater than 0"),
     ({"strategy": 7}, "strategy 7 is not in strategies (known: 0, 1, 2, 3)"),
-    ({"data.source_classes": ["airplane", "dogg"]}, "data.source_classes.1: got 'dogg'; input should be"),
+    ({"data.source_classes": ["airplane", "dogg"]}, "data.source_classes[1]: got 'dogg'; input should be"),
     ({"data.target_classes": ["airplane", "dog"]}, "classes in both tasks: airplane"),
     ({"data.target_classes": []}, "data.target_classes: got []: List should have at least 1 item"),
     ({"pretrain.batch_size": 0}, "pretrain.batch_size: got 0: Input should be greater than or equal to 1"),
@@ -31,7 +31,15 @@ BAD_PARAMS = [
     ({"preprocess.encoding": "png"}, "preprocess.encoding: got 'png'; input should be 'jpeg' or 'raw'"),
     ({"strategies.2.trainable_base_layer": 3}, "strategies.2.trainable_base_layer: unknown key (allowed: trainable"),
     ({"strategies.2.frozen_base_layers": 3}, "give exactly one of trainable_base_layers, frozen_base_layers"),
-    ({"data.md5": "abc"}, "data.md5: got 'abc': String should match pattern"),
+    ({"data.sources.0.md5": "abc"}, "data.sources[0].md5: got 'abc': String should match pattern"),
+    ({"data.sources": [{"url": "a.tar.gz", "md5": "0" * 32}, {"url": "b.tar.gz"}]}, "data.sources[1].md5: missing"),
+    ({"data.sources": [{"url": "a.tar.gz", "md5": "0" * 32, "sha": "x"}]},
+     "data.sources[0].sha: unknown key (allowed: url, md5)"),
+    ({"data.sources": [{"url": 7, "md5": "0" * 32}]}, "data.sources[0].url: got 7: Input should be a valid string"),
+    ({"data.sources": []}, "data.sources: got []: List should have at least 1 item"),
+    ({"data.sources": "https://example.com/c.tar.gz"}, "data.sources: got 'https://example.com/c.tar.gz': Input "
+                                                      "should be a valid list"),
+    ({"data.url": "https://example.com/c.tar.gz"}, "data.url: unknown key (allowed: sources, source_classes"),
     ({"strategies.3.frozen_base_layers": 249},
      "strategies.3.frozen_base_layers: 249 is more than small_cnn's 7 base layers; use at most 7 "
      "(7 freezes the whole base: only the head trains)"),
@@ -69,6 +77,15 @@ def test_shipped_params_are_valid():
     assert strategies.settings(params.finetune, params.chosen_strategy()).learning_rate == 0.001
 
 
+def test_shipped_sources_are_the_local_copy_then_the_official_archive():
+    """The same list everywhere: no profile sets data.*, so one command runs here and on a laptop online."""
+    sources = [(source.url, source.md5) for source in load_params(ROOT / "params.yaml").data.sources]
+    assert sources == [("../shared/datasets/cifar-10-python.tar.gz", "d5e868226d7d3e3404a638820a2b4477"),
+                       ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a")]
+    for profile in (ROOT / "profiles").glob("*.args"):
+        assert not [value for value in shlex.split(profile.read_text())[1::2] if value.startswith("data.")], profile
+
+
 def test_layer_count_errors_name_the_key_on_one_line(tmp_path):
     params = params_copy(tmp_path, TINY_PARAMS, {"strategies.2.trainable_base_layers": 10})
     with pytest.raises(PipelineError) as error:
@@ -94,10 +111,9 @@ def test_every_count_up_to_the_base_is_allowed(tmp_path, count):
     assert strategies.first_trainable_layer(entries[3], "small_cnn") == count
 
 
-@pytest.mark.parametrize("profile", ["cpu", "ci"])
-def test_profiles_define_strategies_for_small_cnn(tmp_path, profile):
+def test_the_cpu_profile_defines_strategies_for_small_cnn(tmp_path):
     """Applied as `dvc exp run -S` applies them; the test projects (TINY_PARAMS) use the same strategies."""
-    arguments = shlex.split((ROOT / f"profiles/{profile}.args").read_text())
+    arguments = shlex.split((ROOT / "profiles/cpu.args").read_text())
     profiled = params_copy(tmp_path)
     apply_overrides(profiled, arguments[1::2])
     params = load_params(profiled)
@@ -129,8 +145,8 @@ def test_strategy_descriptions(number, strategy, backbone, expected):
 
 def test_md5_in_capitals_is_accepted_and_lowercased(tmp_path, tiny_archive):
     md5 = md5_of(tiny_archive)
-    project = make_project(tmp_path / "p", tiny_archive, {"data.md5": md5.upper()}, git=False)
-    assert load_params(project / "params.yaml").data.md5 == md5
+    project = make_project(tmp_path / "p", tiny_archive, {"data.sources.0.md5": md5.upper()}, git=False)
+    assert load_params(project / "params.yaml").data.sources[0].md5 == md5
     run_stage("download", project, check=True)  # compares it with the archive's (lowercase) hexdigest
 
 

@@ -7,7 +7,7 @@ import json
 import keras
 import numpy as np
 import pytest
-from helpers import make_project, run
+from helpers import make_project, md5_of, repickle, run
 from http_server import serve
 
 from transfer.records import dataset, open_split
@@ -28,7 +28,7 @@ def pipeline(tmp_path_factory, tiny_archive):
     """A project that ran `dvc repro` once, downloading over HTTP from 127.0.0.1."""
     with serve({"cifar-10-python.tar.gz": tiny_archive}) as server:
         project = make_project(tmp_path_factory.mktemp("pipeline") / "p", tiny_archive,
-                               {"data.url": f"{server.url}/cifar-10-python.tar.gz", **FINETUNE})
+                               {"data.sources.0.url": f"{server.url}/cifar-10-python.tar.gz", **FINETUNE})
         result = run(["dvc", "repro"], project)
     return project, result
 
@@ -122,3 +122,23 @@ def test_finetune_epochs_never_rerun_pretrain(pipeline):
     result = run(["dvc", "exp", "run", "-S", "finetune.epochs=1"], project)
     assert ran(result.stdout) == ["baseline", "finetune", "figures", "export"]  # the baseline uses finetune's settings
     assert json.loads((project / "metrics/finetune.json").read_text())["epochs"] == 1
+
+
+def test_switching_to_a_copy_of_the_same_images_reruns_only_download_and_split(pipeline, tiny_archive, tmp_path):
+    """A source that holds the same images in other bytes (another pickle protocol) gives a byte-identical
+    split, so nothing after split reruns, and metrics/download.json says where the archive came from."""
+    project, _ = pipeline
+    copy = repickle(tiny_archive, tmp_path / "cifar-10-python.tar.gz")
+    assert md5_of(copy) != md5_of(tiny_archive)
+    split_before = split_files(project)
+    result = run(["dvc", "exp", "run", "-S", f"data.sources=[{{url:'{copy}',md5:'{md5_of(copy)}'}}]"], project)
+    assert ran(result.stdout) == ["download", "split"]
+    assert md5_of(project / "data/cifar-10-python.tar.gz") == md5_of(copy)
+    assert split_files(project) == split_before
+    assert json.loads((project / "metrics/download.json").read_text()) == {
+        "source": 0, "url": str(copy), "md5": md5_of(copy)}
+
+
+def split_files(project) -> dict[str, bytes]:
+    return {path.relative_to(project).as_posix(): path.read_bytes()
+            for path in sorted((project / "data/split").rglob("*")) if path.is_file()}

@@ -7,7 +7,8 @@ the pipeline uses is always written in params.yaml and declared in dvc.yaml.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from types import UnionType
+from typing import Annotated, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -33,9 +34,16 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
-class Data(Section):
+class Source(Section):
+    """One place the CIFAR-10 archive may be had: an http(s) URL, a file:// URL or a path, and that file's md5."""
+
     url: str
     md5: Annotated[str, Field(pattern=r"^[0-9a-fA-F]{32}$"), AfterValidator(str.lower)]  # hexdigest() is lowercase
+
+
+class Data(Section):
+    # Tried in order (transfer/fetch.py): copies of the same images may differ in their bytes, so each has its md5.
+    sources: Annotated[list[Source], Field(min_length=1)]
     source_classes: Annotated[list[ClassName], Field(min_length=1)]
     target_classes: Annotated[list[ClassName], Field(min_length=1)]
     val_fraction: Annotated[float, Field(gt=0, lt=1, strict=False)]
@@ -193,11 +201,10 @@ def write_overrides(path: Path, overrides: dict[str, object]) -> None:
 def describe(error: ValidationError) -> str:
     """The first problem pydantic found, as 'key.path: what is wrong'."""
     first = error.errors()[0]
-    location = ".".join(str(part) for part in first["loc"] if not _is_type_tag(part))
+    location, section = _walk([part for part in first["loc"] if not _is_type_tag(part)])
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
-        allowed = _allowed_keys(first["loc"][:-1])
-        message = f"unknown key (allowed: {', '.join(allowed)})"
+        message = f"unknown key (allowed: {', '.join(section.model_fields)})"
     elif first["type"] == "missing":
         message = "missing"
     elif first["type"] == "literal_error":
@@ -216,15 +223,29 @@ def _is_type_tag(part: object) -> bool:
     )
 
 
-def _allowed_keys(location: tuple) -> list[str]:
-    section: type[BaseModel] = Params
+def _walk(location: list) -> tuple[str, type[BaseModel]]:
+    """The location as params.yaml's comments and errors write it ("data.sources[0].url", "strategies.2.epochs":
+    list items in brackets, mapping keys dotted), and the section that holds its last key."""
+    text, annotation, section = "", Params, Params
     for part in location:
-        if isinstance(part, int) or part not in section.model_fields:
-            section = Strategy  # inside strategies.<name>
+        inner = _plain(annotation)
+        if get_origin(inner) is list:
+            text, annotation = f"{text}[{part}]", get_args(inner)[0]
             continue
-        annotation = section.model_fields[part].annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            section = annotation
-        else:
-            section = Strategy
-    return list(section.model_fields)
+        if isinstance(inner, type) and issubclass(inner, BaseModel):
+            section = inner
+            annotation = inner.model_fields[part].annotation if part in inner.model_fields else None
+        else:  # a mapping's key (strategies), or a value with nothing inside
+            annotation = get_args(inner)[1] if get_origin(inner) is dict else None
+        text = f"{text}.{part}" if text else str(part)
+    return text, section
+
+
+def _plain(annotation: object) -> object:
+    """The type inside Annotated[...] and `X | None`, where a location can go on."""
+    while get_origin(annotation) is Annotated:
+        annotation = get_args(annotation)[0]
+    if get_origin(annotation) in (Union, UnionType):
+        inner = [_plain(arg) for arg in get_args(annotation) if arg is not type(None)]
+        return inner[0] if len(inner) == 1 else annotation
+    return annotation

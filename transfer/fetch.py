@@ -1,10 +1,12 @@
-"""Fetching the CIFAR-10 archive that data.url names, and checking it.
+"""Fetching the CIFAR-10 archive from the first of data.sources that is there, and checking it.
 
-data.url may be an http(s) URL, a file:// URL or a local path (relative paths
-are resolved against the project root): `locate` turns it into a URL to
+A source's url may be an http(s) URL, a file:// URL or a local path (relative
+paths are resolved against the project root): `locate` turns it into a URL to
 download or a file to copy, or a one-line error naming it. HTTP downloads
 retry with backoff and resume with a Range request. `verify` checks the md5
 and that the archive reads to its end and holds the CIFAR-10 batches.
+`fetch_first` tries the sources in order: a missing file or a URL that does
+not answer is skipped, a file that is there but fails its check is an error.
 """
 
 from __future__ import annotations
@@ -22,57 +24,95 @@ from urllib.parse import unquote, urlparse
 from tqdm import tqdm
 
 from transfer.cifar10 import REQUIRED
+from transfer.config import Source
 from transfer.errors import PipelineError
+from transfer.outputs import atomic_output
 from transfer.paths import ARCHIVE, resolve_local
 
 RETRIES = 5
 FIRST_BACKOFF_SECONDS = 0.5  # doubles each try: 7.5 s of waiting in all
 CHUNK = 1 << 20
-OFFLINE_HINT = "point data.url at a local copy and data.md5 at its checksum (see README)"
+NONE_THERE_HINT = "add a copy you have to data.sources, with its md5 (docs/troubleshooting.md)"
 SUPPORTED = "an http(s) URL, a file:// URL or a local path"
-# http.client refuses these with a traceback in the middle of the download; refused up front, data.url is named.
+# http.client refuses these with a traceback in the middle of the download; refused up front, the source's url is named.
 UNSENDABLE = re.compile(r"[\x00-\x20\x7f-\U0010ffff]")
 
 
-def locate(url: str) -> str | Path:
-    """What data.url names: an http(s) URL to download, or a local file to copy."""
+class Unreachable(PipelineError):
+    """A URL that did not answer, or answered with an HTTP error, after the retries: a source that is not there."""
+
+
+def locate(url: str, key: str) -> str | Path:
+    """What a source's url (params.yaml's `key`) names: an http(s) URL to download, or a local path to copy,
+    which may not exist."""
     if not url.strip():
-        raise PipelineError(f"data.url is empty; give {SUPPORTED}")
+        raise PipelineError(f"{key} is empty; give {SUPPORTED}")
     try:
         parts = urlparse(url)
         parts.port  # noqa: B018  (parsing the port is what raises on a malformed one)
     except ValueError as error:
-        raise PipelineError(f"data.url: {url} is not a valid URL ({error})") from None
+        raise PipelineError(f"{key}: {url} is not a valid URL ({error})") from None
     if parts.scheme in ("http", "https"):
-        return _web_url(url, parts.hostname)
+        return _web_url(url, parts.hostname, key)
     if parts.scheme == "file":
         if parts.netloc not in ("", "localhost"):
-            raise PipelineError(f"data.url: {url} names the host {parts.netloc}; a file:// URL takes an absolute "
+            raise PipelineError(f"{key}: {url} names the host {parts.netloc}; a file:// URL takes an absolute "
                                 "path (file:///path/to/archive), or give the path itself")
-        return _local_file(resolve_local(unquote(parts.path)))
+        return resolve_local(unquote(parts.path))
     if "://" in url:
-        raise PipelineError(f"data.url: {url} uses the unsupported scheme {parts.scheme or '(none)'}; "
+        raise PipelineError(f"{key}: {url} uses the unsupported scheme {parts.scheme or '(none)'}; "
                             f"give {SUPPORTED}")
-    return _local_file(resolve_local(url))  # a colon alone ("runs:2024/...") still makes a path
+    return resolve_local(url)  # a colon alone ("runs:2024/...") still makes a path
 
 
-def _web_url(url: str, host: str | None) -> str:
+def _web_url(url: str, host: str | None, key: str) -> str:
     if not host:
-        raise PipelineError(f"data.url: {url} has no host")
+        raise PipelineError(f"{key}: {url} has no host")
     if UNSENDABLE.search(url):
-        raise PipelineError(f"data.url: {url!r} contains a space, control or non-ASCII character; "
+        raise PipelineError(f"{key}: {url!r} contains a space, control or non-ASCII character; "
                             "percent-encode it (a space is %20)")
     return url
 
 
-def _local_file(source: Path) -> Path:
+def _is_there(source: Path, key: str) -> bool:
+    """Whether a local source exists; one that exists but is no file is an error, not a reason to skip it."""
     if not source.exists():
-        raise PipelineError(f"data.url: {source} does not exist; {OFFLINE_HINT}")
+        return False
     if source.is_dir():
-        raise PipelineError(f"data.url: {source} is a directory, not a file; give the archive's path in it")
+        raise PipelineError(f"{key}: {source} is a directory, not a file; give the archive's path in it")
     if not source.is_file():
-        raise PipelineError(f"data.url: {source} is not a regular file")
-    return source
+        raise PipelineError(f"{key}: {source} is not a regular file")
+    return True
+
+
+def fetch_first(sources: list[Source]) -> int:
+    """Put the first source that is there at ARCHIVE, verified, and return its index.
+
+    Every url is checked before anything is fetched, so a typo in a later source is not hidden by an earlier
+    one. A missing file, or a URL that does not answer (after the retries), is skipped with one line; a
+    source that is there but fails its md5 or archive check is an error: it is never silently passed over.
+    """
+    places = [locate(source.url, f"data.sources[{index}].url") for index, source in enumerate(sources)]
+    skipped = []
+    for index, (source, place) in enumerate(zip(sources, places)):
+        key = f"data.sources[{index}]"
+        if isinstance(place, Path) and not _is_there(place, f"{key}.url"):
+            why = f"{place} does not exist"
+        elif is_the_archive(place):  # a copy placed in data/ by hand: checked where it is and left alone
+            verify(ARCHIVE, source.md5, source.url, f"{key}.md5")  # a mismatch leaves the user's file where it is
+            print(f"download: {key} is {ARCHIVE} itself; verified in place")
+            return index
+        else:
+            try:
+                with atomic_output(ARCHIVE) as partial:  # a failure leaves the archive that was there, if any
+                    fetch(place, partial)
+                    verify(partial, source.md5, source.url, f"{key}.md5")
+                return index
+            except Unreachable as error:
+                why = str(error)
+        print(f"download: skipping {key}: {why}")
+        skipped.append(f"{key}: {why}")
+    raise PipelineError(f"none of data.sources is there ({'; '.join(skipped)}); {NONE_THERE_HINT}")
 
 
 def fetch(source: str | Path, destination: Path) -> None:
@@ -97,14 +137,12 @@ def _download(url: str, destination: Path) -> None:
             return
         except urllib.error.HTTPError as error:
             if error.code < 500 or attempt == RETRIES:
-                raise PipelineError(f"{url} answered HTTP {error.code} {error.reason}; {OFFLINE_HINT}") from None
+                raise Unreachable(f"{url} answered HTTP {error.code} {error.reason}") from None
             reason = f"HTTP {error.code}"
         except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as error:
             if attempt == RETRIES:
                 why = getattr(error, "reason", error)
-                raise PipelineError(
-                    f"could not download {url} after {RETRIES} tries ({why}); {OFFLINE_HINT}"
-                ) from None
+                raise Unreachable(f"could not download {url} after {RETRIES} tries ({why})") from None
             reason = type(error).__name__
         print(f"download: {reason}, retrying in {backoff:.0f} s (try {attempt + 1}/{RETRIES})")
         time.sleep(backoff)
@@ -143,8 +181,9 @@ def md5_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def verify(path: Path, expected_md5: str, source: str) -> None:
-    """Check the checksum, then that the archive reads to its end and has the CIFAR-10 batches."""
+def verify(path: Path, expected_md5: str, source: str, md5_key: str) -> None:
+    """Check the checksum (params.yaml's `md5_key`), then that the archive reads to its end and has the
+    CIFAR-10 batches."""
     try:
         with tarfile.open(path, "r:gz") as archive:
             names = {member.name for member in archive}
@@ -155,8 +194,8 @@ def verify(path: Path, expected_md5: str, source: str) -> None:
     if actual != expected_md5:
         what = problem or "a different file"
         raise PipelineError(
-            f"{source}: md5 {actual} does not match data.md5 {expected_md5}; the file is {what}. "
-            "Fetch it again, or set data.md5 if you meant to use this file"
+            f"{source}: md5 {actual} does not match {md5_key} {expected_md5}; the file is {what}. "
+            f"Fetch it again, or set {md5_key} if you meant to use this file"
         )
     if problem:
         raise PipelineError(f"{source} is {problem}")
@@ -166,5 +205,5 @@ def verify(path: Path, expected_md5: str, source: str) -> None:
 
 
 def is_the_archive(source: str | Path) -> bool:
-    """Whether data.url names the download stage's own output (dvc.yaml keeps it, as a persist output)."""
+    """Whether a source names the download stage's own output (dvc.yaml keeps it, as a persist output)."""
     return isinstance(source, Path) and ARCHIVE.exists() and source.samefile(ARCHIVE)

@@ -49,7 +49,9 @@ def model_card(description: Description, params: Params, finetune: dict, baselin
         "",
         "## Training data",
         "",
-        f"- CIFAR-10 from `{params.data.url}`, archive md5 `{params.data.md5}`.",
+        # Not the source itself: copies of the same images train the same model, and export does not rerun for it.
+        "- CIFAR-10's python archive, from the first of params.yaml's `data.sources` that was there "
+        "(`metrics/download.json` names it, with its md5).",
         f"- {finetune['train_images']:,} training images of these classes"
         + (f" ({params.data.target_labels_per_class} per class)" if params.data.target_labels_per_class else "")
         + f" (a share of {params.data.val_fraction:g} of CIFAR-10's training images held out to validate); "

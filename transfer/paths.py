@@ -29,6 +29,7 @@ def feature_cache_folder(stage: str) -> Path:
 
 METRICS = Path("metrics")
 FIGURES = METRICS / "figures"
+DOWNLOAD_RECORD = METRICS / "download.json"  # which of data.sources the archive came from
 LABEL_EFFICIENCY_TABLE = METRICS / "label_efficiency.csv"
 LABEL_EFFICIENCY_PLOT = METRICS / "label_efficiency.png"
 
