@@ -336,3 +336,30 @@ def test_a_full_disk_while_saving_is_one_line_naming_the_folder_and_keeps_the_la
     assert "\n" not in str(refused.value)
     assert sorted(path.name for path in stage.folder.iterdir()) == ["latest"]
     assert resumed_epochs(stage) == 1
+
+
+def test_a_weights_file_counts_by_content_for_dvc_and_the_checkpoint(tmp_path, tiny_archive, monkeypatch):
+    """model.weights names a file under weights/, a dependency of pretrain: new content in the same file makes
+    `dvc status` report pretrain changed (so `dvc repro` reruns it) and changes the checkpoint identity."""
+    import keras
+    from helpers import make_project, run
+
+    from transfer.models import build_base
+
+    project = make_project(tmp_path / "p", tiny_archive, {"model.weights": "weights/cnn.weights.h5",
+                                                          "pretrain.epochs": 1})
+    weights = project / "weights/cnn.weights.h5"
+
+    def write_weights(seed: int) -> None:
+        keras.utils.set_random_seed(seed)
+        build_base("small_cnn", 32, "none").save_weights(weights)
+
+    write_weights(0)
+    run(["dvc", "repro", "pretrain"], project)
+    assert "up to date" in run(["dvc", "status", "pretrain"], project).stdout
+    monkeypatch.chdir(project)
+    before = stage_identity("pretrain")
+    write_weights(1)  # the same name, other weights
+    status = run(["dvc", "status", "pretrain"], project).stdout
+    assert "changed deps" in status and "modified:           weights" in status, status
+    assert changes(before, stage_identity("pretrain")) == ["weights"]
