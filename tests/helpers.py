@@ -17,7 +17,7 @@ from transfer.config import CIFAR10_CLASSES
 from transfer.config import write_overrides as set_params  # noqa: F401  (tests import it from here)
 
 ROOT = Path(__file__).resolve().parents[1]
-PROJECT_FILES = ("dvc.yaml", "params.yaml", "stages", "transfer", "tools", "profiles", "pyproject.toml")
+PROJECT_FILES = ("dvc.yaml", "params.yaml", "stages", "transfer", "tools", "profiles", "pyproject.toml", "weights")
 
 
 def learnable_images(labels: np.ndarray, seed: int) -> np.ndarray:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -144,3 +146,220 @@ def test_a_resumed_fit_keeps_the_best_epoch_of_an_uninterrupted_one(tmp_path):
         np.testing.assert_array_equal(ours, theirs)
     last = resumed.evaluate(val, verbose=0, return_dict=True)["accuracy"]
     assert last == pytest.approx(scores[kept - 1])  # the model holds the kept epoch's weights, not the last's
+
+
+# Replacing an output or a checkpoint: a kill between any two steps leaves the old or the new version.
+
+STEPS = ("flush the new version", "mark the new version complete", "set the old version aside",
+         "move the new version in", "delete the old version")
+REPLACE = """
+import os, sys
+from pathlib import Path
+from transfer import outputs
+
+outputs._before_step = lambda step: os._exit(9) if step == sys.argv[1] else None
+final = Path(sys.argv[2])
+with outputs.atomic_output(final) as temporary:  # a file, or a folder of two files, holding sys.argv[3]
+    if final.suffix == ".txt":
+        temporary.write_text(sys.argv[3])
+    else:
+        temporary.mkdir()
+        for name in ("a", "b"):
+            (temporary / name).write_text(sys.argv[3])
+"""
+
+
+def replace(final, text: str, killed_before: str = "no step") -> subprocess.CompletedProcess:
+    """Write `text` as `final` in another process, which dies (exit code 9) just before the step named."""
+    from helpers import ROOT
+
+    return subprocess.run([sys.executable, "-c", REPLACE, killed_before, str(final), text], cwd=ROOT,
+                          capture_output=True, text=True)
+
+
+def version(final) -> str | None:
+    """'old' or 'new' if `final` holds one version whole, None if it is missing; fails on a mix."""
+    if not final.exists():
+        return None
+    texts = {final.read_text()} if final.is_file() else {(final / name).read_text() for name in ("a", "b")}
+    assert len(texts) == 1 and final.is_file() == (final.suffix == ".txt"), f"{final} mixes versions"
+    return texts.pop()
+
+
+@pytest.mark.parametrize("name", ["folder", "file.txt"])
+def test_a_kill_between_any_two_steps_of_a_replacement_leaves_the_old_or_the_new_version(tmp_path, name):
+    from transfer.outputs import recover
+
+    for step in STEPS:
+        final = tmp_path / step.replace(" ", "_") / name
+        final.parent.mkdir()
+        assert replace(final, "old").returncode == 0 and version(final) == "old"
+        killed = replace(final, "new", killed_before=step)
+        assert killed.returncode == 9, killed.stderr
+        assert version(final) in ("old", "new", None)
+        recover(final)  # what the next start does
+        expected = "old" if step in STEPS[:2] else "new"  # complete once marked so: the next start moves it in
+        assert version(final) == expected, step
+        assert sorted(path.name for path in final.parent.iterdir()) == [name], step  # no leftover
+
+
+def test_a_replacement_that_is_not_killed_leaves_only_the_new_version(tmp_path):
+    final = tmp_path / "out"
+    for text in ("old", "new"):
+        assert replace(final, text).returncode == 0
+        assert version(final) == text and [path.name for path in tmp_path.iterdir()] == ["out"]
+
+
+# Resuming a checkpoint: a half-replaced one is completed, a damaged or foreign one is discarded with one line.
+
+def tiny_model():
+    import keras
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3), keras.layers.Dropout(0.5),
+                              keras.layers.Dense(2)])
+    model.compile("rmsprop", "sparse_categorical_crossentropy")
+    model.optimizer.build(model.trainable_variables)  # as after an epoch: the checkpoint holds its state
+    return model
+
+
+def saved_after(checkpoints, epochs: int):
+    """Save a checkpoint as the trainer does after `epochs` epochs (with best weights, as training.keep=best)."""
+    from transfer.checkpoints import Progress, save
+
+    model = tiny_model()
+    history = [{"epoch": epoch, "val_accuracy": 0.5} for epoch in range(1, epochs + 1)]
+    save(checkpoints, model, Progress(history=history), model.get_weights())
+    return model
+
+
+@pytest.fixture
+def stage(tmp_path):
+    from transfer.checkpoints import Checkpoints
+
+    return Checkpoints(tmp_path / "checkpoints" / "train", {"cmd": "test", "deps": {}, "params": {}}, 32)
+
+
+def resumed_epochs(stage) -> int | None:
+    from transfer.checkpoints import resume
+
+    model, progress = resume(stage, workers=1, chief=True)
+    assert (model is None) == (progress.epochs_done == 0)
+    return progress.epochs_done
+
+
+def test_resume_continues_a_checkpoint_and_keeps_its_weights(stage, capsys):
+    import numpy as np
+
+    from transfer.checkpoints import best_weights, resume
+
+    model = saved_after(stage, 2)
+    resumed, progress = resume(stage, workers=1, chief=True)
+    assert progress.epochs_done == 2 and "resuming from" in capsys.readouterr().out
+    for ours, theirs in zip(resumed.get_weights(), model.get_weights(), strict=True):
+        np.testing.assert_array_equal(ours, theirs)
+    assert len(best_weights(stage)) == len(model.get_weights())
+
+
+@pytest.mark.parametrize("killed_before", STEPS[1:])
+def test_a_save_killed_at_any_step_resumes_the_old_or_the_new_checkpoint(stage, killed_before):
+    from transfer import outputs
+
+    class Killed(BaseException):
+        pass
+
+    def kill(step):
+        if step == killed_before:
+            raise Killed
+
+    saved_after(stage, 1)
+    outputs._before_step = kill
+    try:
+        with pytest.raises(Killed):
+            saved_after(stage, 2)
+    finally:
+        outputs._before_step = None
+    # From "mark the new version complete" on, the folder of epoch 2 is complete: it must never be deleted.
+    assert resumed_epochs(stage) == (1 if killed_before == STEPS[1] else 2)
+    assert sorted(path.name for path in stage.folder.iterdir()) == ["latest"]
+
+
+DAMAGES = {
+    "state.json": lambda path: path.write_text('{"identity": '),
+    "state.json history": lambda path: path.write_text(path.read_text().replace('"epoch": 2', '"epoch": 7')),
+    "model.keras": lambda path: path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2]),
+    "model.keras weights": lambda path: path.write_bytes(b"PK\x03\x04" + b"\0" * 100),
+    "best_weights.npz": lambda path: path.write_bytes(path.read_bytes()[:200]),
+    "best_weights.npz gone": lambda path: path.unlink(),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_damaged_checkpoint_is_discarded_with_one_line_and_training_restarts(stage, capsys, damage):
+    saved_after(stage, 2)
+    file = stage.latest / damage.split()[0]
+    DAMAGES[damage](file)
+    capsys.readouterr()
+    assert resumed_epochs(stage) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"discarding checkpoint in {stage.folder}: {file} is damaged (")
+    assert lines[0].endswith("); training restarts from epoch 1")
+    assert not stage.folder.exists()
+
+
+def test_a_checkpoint_of_another_global_batch_is_discarded_with_one_line(stage, capsys):
+    from dataclasses import replace
+
+    saved_after(stage, 2)  # global batch 32: say one replica of 32
+    capsys.readouterr()
+    assert resumed_epochs(replace(stage, global_batch=64)) == 0  # two replicas of 32 now
+    assert capsys.readouterr().out == (f"discarding checkpoint in {stage.folder}: it was trained with a global batch "
+                                       "of 32, this run's is 64 (another number of replicas); training restarts "
+                                       "from epoch 1\n")
+
+
+def test_a_full_disk_while_saving_is_one_line_naming_the_folder_and_keeps_the_last_checkpoint(stage):
+    import resource
+
+    from transfer.errors import PipelineError
+
+    saved_after(stage, 1)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2000, hard))  # a real refusal by the kernel: EFBIG, as ENOSPC
+    try:
+        with pytest.raises(PipelineError) as refused:
+            saved_after(stage, 2)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert str(refused.value).startswith(f"no room to write {stage.latest}: File too large (")
+    assert "\n" not in str(refused.value)
+    assert sorted(path.name for path in stage.folder.iterdir()) == ["latest"]
+    assert resumed_epochs(stage) == 1
+
+
+def test_a_weights_file_counts_by_content_for_dvc_and_the_checkpoint(tmp_path, tiny_archive, monkeypatch):
+    """model.weights names a file under weights/, a dependency of pretrain: new content in the same file makes
+    `dvc status` report pretrain changed (so `dvc repro` reruns it) and changes the checkpoint identity."""
+    import keras
+    from helpers import make_project, run
+
+    from transfer.models import build_base
+
+    project = make_project(tmp_path / "p", tiny_archive, {"model.weights": "weights/cnn.weights.h5",
+                                                          "pretrain.epochs": 1})
+    weights = project / "weights/cnn.weights.h5"
+
+    def write_weights(seed: int) -> None:
+        keras.utils.set_random_seed(seed)
+        build_base("small_cnn", 32, "none").save_weights(weights)
+
+    write_weights(0)
+    run(["dvc", "repro", "pretrain"], project)
+    assert "up to date" in run(["dvc", "status", "pretrain"], project).stdout
+    monkeypatch.chdir(project)
+    before = stage_identity("pretrain")
+    write_weights(1)  # the same name, other weights
+    status = run(["dvc", "status", "pretrain"], project).stdout
+    assert "changed deps" in status and "modified:           weights" in status, status
+    assert changes(before, stage_identity("pretrain")) == ["weights"]

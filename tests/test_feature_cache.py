@@ -88,4 +88,76 @@ def test_no_room_on_the_disk_says_how_much_is_needed(tmp_path, monkeypatch):
     assert feature_cache.room_for(prefix, 100, tmp_path / "a" / "features") is None
     monkeypatch.setattr(feature_cache, "DISK_MARGIN", 1 << 60)
     reason = feature_cache.room_for(prefix, 100, tmp_path / "features")
-    assert reason.startswith(f"the feature cache needs 0.0 GiB in {tmp_path / 'features'}") and "free" in reason
+    assert reason.startswith(f"the feature cache needs 0.0 GiB of float16 in {tmp_path / 'features'}")
+    assert "free" in reason
+
+
+def test_a_killed_runs_leftover_is_deleted_before_the_free_disk_is_measured(tmp_path, monkeypatch):
+    """A kill -9 leaves the cache behind; counted as used disk, it would push the next run onto the slow path."""
+    import os
+    import shutil
+
+    leftover = tmp_path / "features" / "train-00000.bin"
+    leftover.parent.mkdir()
+    descriptor = os.open(leftover, os.O_CREAT | os.O_WRONLY)
+    os.posix_fallocate(descriptor, 0, 1 << 30)  # 1 GiB really taken on the disk, at once
+    os.close(descriptor)
+    prefix = two_output_prefix()
+    free = shutil.disk_usage(tmp_path).free
+    # Room for the cache only once the leftover's 1 GiB is free again (512 MiB of slack for other writers).
+    monkeypatch.setattr(feature_cache, "DISK_MARGIN", free + (512 << 20) - feature_cache.storage_bytes(prefix, 80))
+    cache, _ = build(tmp_path, prefix, monkeypatch)
+    assert cache.dtype == np.float16 and leftover.stat().st_size < 1 << 20  # a new shard in its place
+
+
+def test_the_float32_fallback_measures_the_disk_again(tmp_path, monkeypatch, capsys):
+    measured = []
+    room_for = feature_cache.room_for
+
+    def no_room_for_float32(prefix, images, folder, dtype=feature_cache.STORAGE_DTYPE):
+        measured.append(dtype.name)  # the disk as it is, but with float32 taking just too much of it
+        return room_for(prefix, images, folder, dtype) or ("no room for float32" if dtype.itemsize == 4 else None)
+
+    monkeypatch.setattr(feature_cache, "room_for", no_room_for_float32)
+    with pytest.raises(feature_cache.NoRoom, match="no room for float32"):
+        build(tmp_path, two_output_prefix(scale=1e6), monkeypatch)
+    assert measured == ["float16", "float32"] and "storing float32 instead" in capsys.readouterr().out
+    assert not (tmp_path / "features").exists()  # nor the half-written float16 cache
+
+
+def test_a_full_disk_while_caching_is_one_line_naming_the_folder_and_leaves_nothing(tmp_path, monkeypatch):
+    import resource
+
+    from transfer.errors import PipelineError
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (500, hard))  # a real refusal by the kernel: EFBIG, as ENOSPC
+    try:
+        with pytest.raises(PipelineError) as refused:
+            build(tmp_path, two_output_prefix(), monkeypatch)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert str(refused.value).startswith(f"no room to write {tmp_path / 'features'}: File too large (")
+    assert "\n" not in str(refused.value) and not (tmp_path / "features").exists()
+
+
+def test_the_cache_lives_where_dvc_never_tracks_it(tmp_path):
+    import shutil
+    import subprocess
+
+    import yaml
+    from helpers import ROOT
+
+    from transfer.paths import feature_cache_folder
+
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    outputs = [next(iter(out)) if isinstance(out, dict) else out for spec in stages.values()
+               for kind in ("outs", "metrics", "plots") for out in spec.get(kind, [])]
+    for stage in ("pretrain", "baseline", "finetune"):
+        cache = feature_cache_folder(stage).as_posix()
+        assert not [out for out in outputs if (cache + "/").startswith(out + "/") or out.startswith(cache + "/")]
+    subprocess.run(["dvc", "init", "--no-scm", "-q"], cwd=tmp_path, check=True)
+    shutil.copy(ROOT / ".dvcignore", tmp_path / ".dvcignore")
+    shard = (feature_cache_folder("finetune") / "train-00000.bin").as_posix()
+    ignored = subprocess.run(["dvc", "check-ignore", shard], cwd=tmp_path, capture_output=True, text=True)
+    assert ignored.returncode == 0 and ignored.stdout.strip() == shard

@@ -38,3 +38,14 @@ def test_documented_install_has_one_tensorflow(tmp_path, extras):
     names = {re.sub(r"[-_.]+", "-", item["metadata"]["name"]).lower()
              for item in json.loads(report.read_text())["install"]}
     assert len(names & TENSORFLOWS) == 1, f".[{extras}] installs {sorted(names & TENSORFLOWS)}"
+
+
+def test_requires_python_is_what_the_pinned_dependencies_require_and_the_readme_says():
+    """requires-python must be true: pip on an older Python finds no keras 3.15 (it requires 3.11), and the code
+    uses 3.11 APIs (hashlib.file_digest). `vermin -t=3.11- transfer stages tools` finds nothing newer."""
+    from importlib.metadata import metadata
+
+    declared = re.search(r'requires-python = ">=([\d.]+)"', (ROOT / "pyproject.toml").read_text()).group(1)
+    assert metadata("keras")["Requires-Python"] == f">={declared}"
+    assert f"Python {declared} or newer" in (ROOT / "README.md").read_text()
+    assert f'target-version = "py{declared.replace(".", "")}"' in (ROOT / "pyproject.toml").read_text()

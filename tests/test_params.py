@@ -28,6 +28,9 @@ BAD_PARAMS = [
      "preprocess.image_size=32 is too small for inception_v3 (at least 75)"),
     ({"model.backbone": "resnet"}, "model.backbone: got 'resnet'; input should be 'inception_v3' or 'small_cnn'"),
     ({"model.weights": "imagenet"}, "model.weights=imagenet exists only for inception_v3"),
+    ({"model.weights": "/tmp/cnn.weights.h5"}, "model.weights: /tmp/cnn.weights.h5 is not imagenet, none or a file "
+     "under weights/; put the weights file in the project's weights/ folder (pretrain depends on its content) and "
+     "name it weights/cnn.weights.h5"),
     ({"preprocess.encoding": "png"}, "preprocess.encoding: got 'png'; input should be 'jpeg' or 'raw'"),
     ({"strategies.2.trainable_base_layer": 3}, "strategies.2.trainable_base_layer: unknown key (allowed: trainable"),
     ({"strategies.2.frozen_base_layers": 3}, "give exactly one of trainable_base_layers, frozen_base_layers"),

@@ -27,7 +27,7 @@ import yaml
 
 from transfer.config import PARAMS_FILE
 from transfer.errors import PipelineError
-from transfer.outputs import atomic_output, remove
+from transfer.outputs import atomic_output, recover, remove
 from transfer.paths import CHECKPOINTS
 
 DVC_FILE = Path("dvc.yaml")
@@ -61,14 +61,15 @@ class Checkpoints:
 
     folder: Path
     identity: dict
+    global_batch: int | None = None  # images per step over all replicas: a resumed run must keep it
 
     @property
     def latest(self) -> Path:
         return self.folder / "latest"
 
 
-def for_stage(stage: str) -> Checkpoints:
-    return Checkpoints(CHECKPOINTS / stage, stage_identity(stage))
+def for_stage(stage: str, global_batch: int) -> Checkpoints:
+    return Checkpoints(CHECKPOINTS / stage, stage_identity(stage), global_batch)
 
 
 def stage_identity(stage: str, dvc_file: Path = DVC_FILE) -> dict:
@@ -130,38 +131,85 @@ def changes(old: dict, new: dict) -> list[str]:
 def resume(checkpoints: Checkpoints, workers: int, chief: bool) -> tuple[keras.Model | None, Progress]:
     """The checkpointed model and progress if they belong to this run; any other checkpoint is deleted.
 
-    Call it in the distribution's scope. Several workers never resume: they would all have to
-    load the same checkpoint, and the chief's folder is not theirs.
+    A checkpoint that a killed save left half replaced is first completed or rolled back (outputs.recover):
+    there is always the last one or the one before. A damaged one is deleted with one line, and training
+    restarts from epoch 1. Call it in the distribution's scope. Several workers never resume: they would
+    all have to load the same checkpoint, and the chief's folder is not theirs.
     """
     if workers > 1:
         if chief:
             remove(checkpoints.folder)
         return None, Progress()
-    state_file = checkpoints.latest / "state.json"
-    if state_file.is_file():
-        state = json.loads(state_file.read_text())
-        changed = changes(state.pop("identity"), checkpoints.identity)
-        if not changed:
-            model = keras.models.load_model(checkpoints.latest / "model.keras")
-            _restore_random_state(model, state.pop("random_state"))
-            print(f"resuming from {checkpoints.folder} after epoch {len(state['history'])}")
-            return model, Progress(**state)
-        shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
-        print(f"discarding checkpoint in {checkpoints.folder}: {shown} changed since it was written")
+    recover(checkpoints.latest)
+    if (checkpoints.latest / "state.json").is_file():
+        try:
+            return _load(checkpoints)
+        except _Unusable as reason:
+            print(f"discarding checkpoint in {checkpoints.folder}: {reason}; training restarts from epoch 1")
     remove(checkpoints.folder)
     return None, Progress()
 
 
+class _Unusable(Exception):
+    """Why a checkpoint cannot be resumed: changed deps or params, another global batch, or a damaged file."""
+
+
+def _load(checkpoints: Checkpoints) -> tuple[keras.Model, Progress]:
+    latest = checkpoints.latest
+    try:
+        state = json.loads((latest / "state.json").read_text())
+        identity, random_state = state.pop("identity"), state.pop("random_state")
+        global_batch, has_best = state.pop("global_batch"), state.pop("best_weights")
+        progress = Progress(**state)
+        changed = changes(identity, checkpoints.identity)
+        epochs = [entry["epoch"] for entry in progress.history]
+        progress.kept_epoch("best")  # every epoch has a val_accuracy
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise _Unusable(f"{latest / 'state.json'} is damaged ({type(error).__name__}: {error})") from None
+    if changed:
+        shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+        raise _Unusable(f"{shown} changed since it was written")
+    if epochs != list(range(1, len(epochs) + 1)):
+        raise _Unusable(f"{latest / 'state.json'} is damaged (epochs {epochs})")
+    if global_batch != checkpoints.global_batch:
+        # The same per-replica batch on another number of replicas: the rest of the run would not be the same run.
+        raise _Unusable(f"it was trained with a global batch of {global_batch}, this run's is "
+                        f"{checkpoints.global_batch} (another number of replicas)")
+    try:
+        model = keras.models.load_model(latest / "model.keras")
+        _restore_random_state(model, random_state)
+    except Exception as error:  # Keras raises ValueError, OSError, KeyError... for a damaged file
+        raise _Unusable(f"{latest / 'model.keras'} is damaged ({_first_line(error)})") from None
+    if has_best:
+        try:
+            weights = best_weights(checkpoints)
+            expected = [weight.shape for weight in model.get_weights()]
+            if weights is None or [weight.shape for weight in weights] != expected:
+                raise ValueError("its weights do not fit the model")
+        except Exception as error:  # np.load raises BadZipFile, EOFError, ValueError... for a damaged file
+            raise _Unusable(f"{latest / BEST_WEIGHTS} is damaged ({_first_line(error)})") from None
+    print(f"resuming from {checkpoints.folder} after epoch {progress.epochs_done}")
+    return model, progress
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+
+
 def save(checkpoints: Checkpoints, model: keras.Model, progress: Progress,
          best_weights: list[np.ndarray] | None = None) -> None:
-    """Write model, state and the best epoch's weights (if given) as one atomic folder: a kill at any moment
-    leaves the old or the new one."""
+    """Write model, state and the best epoch's weights (if given) as one folder, flushed to disk before it
+    replaces the last one: a kill or power cut at any moment leaves the old or the new one
+    (outputs.atomic_output). A full disk is one line naming the folder, and the last checkpoint stays."""
     with atomic_output(checkpoints.latest) as latest:
         latest.mkdir()
         model.save(latest / "model.keras")
         if best_weights is not None:
             np.savez(latest / BEST_WEIGHTS, *best_weights)
-        state = {"identity": checkpoints.identity, "random_state": _random_state(model), **progress.__dict__}
+        state = {"identity": checkpoints.identity, "random_state": _random_state(model),
+                 "global_batch": checkpoints.global_batch, "best_weights": best_weights is not None,
+                 **progress.__dict__}
         (latest / "state.json").write_text(json.dumps(state, indent=2))
 
 

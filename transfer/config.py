@@ -14,6 +14,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from transfer.errors import PipelineError
+from transfer.paths import WEIGHTS
 from transfer.strategies import BASE_LAYERS, first_trainable_layer
 
 PARAMS_FILE = Path("params.yaml")
@@ -70,9 +71,19 @@ class Preprocess(Section):
     workers: PositiveInt | None
 
 
+def _named_weights(weights: str) -> str:
+    """imagenet, none, or a file under weights/: a file elsewhere could change without DVC seeing it."""
+    path = Path(weights)
+    if weights in ("imagenet", "none") or (path.parts[:1] == (WEIGHTS.name,) and ".." not in path.parts):
+        return weights
+    raise ValueError(f"model.weights: {weights} is not imagenet, none or a file under {WEIGHTS}/; put the weights "
+                     f"file in the project's {WEIGHTS}/ folder (pretrain depends on its content) and name it "
+                     f"{WEIGHTS}/{path.name}")
+
+
 class Model(Section):
     backbone: Literal[tuple(BASE_LAYERS)]  # type: ignore[valid-type]
-    weights: str
+    weights: Annotated[str, AfterValidator(_named_weights)]
     head_units: PositiveInt
     dropout: Annotated[float, Field(ge=0, lt=1, strict=False)]
 

@@ -15,11 +15,15 @@ in memory:
 - each training epoch reads the shards in an order drawn from records.epoch_seed(seed, epoch),
   interleaved, through a shuffle buffer of at most SHUFFLE_BYTES, so a rerun or a resumed run sees
   exactly the same batches; val and test are read in order;
-- the caller deletes the folder when the stage ends, however it ends (training.train_classifier).
+- the caller deletes the folder when the stage ends, however it ends (training.train_classifier); what a
+  hard-killed run left there is deleted before the free disk is measured, so it cannot push the next run
+  onto the slow path. The folder (checkpoints/<stage>/features) is no DVC output and .dvcignore'd;
+- a full disk while writing is one line naming the folder, and the folder is deleted.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import time
@@ -32,6 +36,7 @@ import numpy as np
 import tensorflow as tf
 
 from transfer.evaluation import batches, inference_step
+from transfer.outputs import NO_ROOM, no_room
 from transfer.records import epoch_seed
 
 STORAGE_DTYPE = np.dtype("<f2")  # float16, little-endian as tf.io.decode_raw reads it
@@ -47,6 +52,10 @@ CYCLE = 4  # shards read at once by a training epoch
 
 class _OutOfRange(Exception):
     """A feature does not fit the storage dtype."""
+
+
+class NoRoom(Exception):
+    """The disk cannot hold the cache (with DISK_MARGIN to spare); the message says how much is missing."""
 
 
 @dataclass(frozen=True)
@@ -127,21 +136,22 @@ def inference_batch(image_size: int) -> int:
     return max(1, BATCH_PIXELS // (image_size * image_size))
 
 
-def storage_bytes(prefix: keras.Model, images: int) -> int:
-    """Disk the cache of `images` images takes in the storage dtype."""
+def storage_bytes(prefix: keras.Model, images: int, dtype: np.dtype = STORAGE_DTYPE) -> int:
+    """Disk the cache of `images` images takes in `dtype`."""
     per_image = sum(math.prod(tensor.shape[1:]) for tensor in prefix.outputs)
-    return images * (LABEL_DTYPE.itemsize + STORAGE_DTYPE.itemsize * per_image)
+    return images * (LABEL_DTYPE.itemsize + dtype.itemsize * per_image)
 
 
-def room_for(prefix: keras.Model, images: int, folder: Path) -> str | None:
-    """None if the disk under `folder` holds the cache with DISK_MARGIN to spare, else why not."""
-    needed = storage_bytes(prefix, images)
+def room_for(prefix: keras.Model, images: int, folder: Path, dtype: np.dtype = STORAGE_DTYPE) -> str | None:
+    """None if the disk under `folder` holds the cache in `dtype` with DISK_MARGIN to spare, else why not.
+    Measure it with `folder` deleted: a leftover of a killed run is no reason to give up the cache."""
+    needed = storage_bytes(prefix, images, dtype)
     existing = next(p for p in (folder, *folder.parents) if p.exists())
     free = shutil.disk_usage(existing).free
     if needed + DISK_MARGIN <= free:
         return None
-    return (f"the feature cache needs {needed / 2**30:.1f} GiB in {folder} and {DISK_MARGIN / 2**30:.0f} GiB "
-            f"to spare, but only {free / 2**30:.1f} GiB is free")
+    return (f"the feature cache needs {needed / 2**30:.1f} GiB of {dtype.name} in {folder} and "
+            f"{DISK_MARGIN / 2**30:.0f} GiB to spare, but only {free / 2**30:.1f} GiB is free")
 
 
 def build(prefix: keras.Model, datasets: dict[str, tf.data.Dataset], counts: dict[str, int], folder: Path,
@@ -149,15 +159,23 @@ def build(prefix: keras.Model, datasets: dict[str, tf.data.Dataset], counts: dic
     """Run `prefix` once over each dataset of (images, labels) and write its output under `folder`.
 
     bfloat16: compute the pass in bfloat16 (a CPU with AMX runs it faster; see runtime.frozen_pass_bfloat16).
+    Raises NoRoom when the disk cannot hold it, before writing anything (float32 needs twice float16's room).
     The caller deletes `folder` when it is done with the cache.
     """
     computed_in = "bfloat16" if bfloat16 else keras.config.dtype_policy().compute_dtype
     prefix = computing_in(prefix, "mixed_bfloat16") if bfloat16 else prefix
+
+    def write_if_room(dtype: np.dtype) -> FeatureCache:
+        shutil.rmtree(folder, ignore_errors=True)  # a killed run's leftover, or the float16 attempt
+        if reason := room_for(prefix, sum(counts.values()), folder, dtype):
+            raise NoRoom(reason)
+        return write(prefix, datasets, counts, folder, dtype, computed_in)
+
     try:
-        return write(prefix, datasets, counts, folder, STORAGE_DTYPE, computed_in)
+        return write_if_room(STORAGE_DTYPE)
     except _OutOfRange as overflow:
         print(f"feature cache: {overflow}; storing float32 instead")
-        return write(prefix, datasets, counts, folder, FALLBACK_DTYPE, computed_in)
+        return write_if_room(FALLBACK_DTYPE)
 
 
 def computing_in(model: keras.Model, policy: str) -> keras.Model:
@@ -183,10 +201,18 @@ def write(prefix: keras.Model, datasets: dict[str, tf.data.Dataset], counts: dic
     shards = {}
     for split, data in datasets.items():
         writer = _ShardWriter(folder, split, per_shard)
-        for images, labels in batches(data, f"caching features of {split}"):
-            outputs = [part.numpy() for part in tf.nest.flatten(step(images))]
-            writer.add(_records(outputs, labels.numpy(), dtype))
-        shards[split] = writer.close()
+        try:
+            for images, labels in batches(data, f"caching features of {split}"):
+                outputs = [part.numpy() for part in tf.nest.flatten(step(images))]
+                writer.add(_records(outputs, labels.numpy(), dtype))
+            shards[split] = writer.close()
+        except OSError as error:
+            with contextlib.suppress(OSError):  # closing flushes, and fails again on a full disk
+                writer.close()
+            shutil.rmtree(folder, ignore_errors=True)
+            if error.errno in NO_ROOM:
+                raise no_room(folder, error) from None
+            raise
         if writer.written != counts[split]:
             raise RuntimeError(f"feature cache: {split} gave {writer.written} records, expected {counts[split]}")
     peak = _memory_status().get("VmHWM")

@@ -19,6 +19,9 @@ MODELS = Path("models")
 PRETRAINED_MODEL = MODELS / "pretrained.keras"
 FINETUNED_MODEL = MODELS / "finetuned.keras"
 EXPORT = MODELS / "export"  # the fine-tuned model for serving (SavedModel, TFLite) and its model card
+# Weights files that model.weights may name. The folder is a dependency of the pretrain stage: DVC reruns it,
+# and a checkpoint is discarded, when a file's content changes, not only its name.
+WEIGHTS = Path("weights")
 CHECKPOINTS = Path("checkpoints")  # checkpoints/<stage>: the resume state of an interrupted training stage
 
 

@@ -87,25 +87,38 @@ def train_classifier(run: Run, splits: dict[str, Split], params: Params, runtime
 
 def _train_classifier(run: Run, splits: dict[str, Split], params: Params, runtime: Runtime) -> Result:
     train = splits["train"]
-    resumable = checkpoints.for_stage(run.stage) if run.checkpoints else None
+    batch = global_batch(run.settings.batch_size, runtime)
+    resumable = checkpoints.for_stage(run.stage, batch) if run.checkpoints else None
     with runtime.distribution.scope():
         model = build_classifier(run, params, len(train.classes), train.image_size)
     trainable = count_params(model.trainable_weights)
     keep = None if run.labels_per_class is None else labelled_subset(labels_of(train), run.labels_per_class,
                                                                        run.seed)
     train_images = int(keep.sum()) if keep is not None else train.count
-    batch = global_batch(run.settings.batch_size, runtime)
     shuffle = {"shuffle_buffer": params.training.shuffle_buffer, "seed": run.seed}
     cut = frozen_prefix(model) if run.cache_features else None
     counts = {name: train_images if name == "train" else split.count for name, split in splits.items()}
     scratch = feature_cache_folder(run.stage)
-    cache_report = not_cached(None if run.cache_features else "cache_features is off")
+    shutil.rmtree(scratch, ignore_errors=True)  # a hard-killed run's (no `finally` runs after kill -9)
+    cache, cache_report = None, not_cached(None if run.cache_features else "cache_features is off")
     if run.cache_features and cut is None:
         cache_report = not_cached("the whole base trains: nothing is frozen to cache")
-    elif cut is not None and (no_room := feature_cache.room_for(cut[0], sum(counts.values()), scratch)):
-        print(f"{run.stage}: {no_room}; training through the base instead (about 10x slower)")
-        cut, cache_report = None, not_cached(no_room)
-    if cut is None:
+    elif cut is not None:
+        # No checkpoint on this path: after the one pass that caches features, an epoch over them takes
+        # seconds, and checkpointing the suffix (which shares layers with the full model) would cost more
+        # than it saves.
+        prefix, trained = cut
+        print(f"{run.stage}: caching the frozen prefix's {len(prefix.outputs)} output(s) for {sum(counts.values())} "
+              f"images in {scratch} ({feature_cache.storage_bytes(prefix, sum(counts.values())) / 2**20:.0f} MiB)")
+        try:
+            cache = feature_cache.build(prefix, {name: dataset(split, inference_batch(train.image_size),
+                                                               keep=keep if name == "train" else None)
+                                                 for name, split in splits.items()},
+                                        counts, scratch, bfloat16=runtime.frozen_pass_bfloat16)
+        except feature_cache.NoRoom as no_room:
+            print(f"{run.stage}: {no_room}; training through the base instead (about 10x slower)")
+            cache_report = not_cached(str(no_room))
+    if cache is None:
         progress = Progress()
         if resumable is not None:
             with runtime.distribution.scope():
@@ -116,17 +129,7 @@ def _train_classifier(run: Run, splits: dict[str, Split], params: Params, runtim
         train_epochs = epochs(train, batch, keep=keep, **shuffle)
         trained = model
     else:
-        # No checkpoint: after the one pass that caches features, an epoch over them takes seconds,
-        # and checkpointing the suffix (which shares layers with the full model) would cost more than
-        # it saves.
         progress, resumable = Progress(), None
-        prefix, trained = cut
-        images_per_batch = inference_batch(train.image_size)
-        print(f"{run.stage}: caching the frozen prefix's {len(prefix.outputs)} output(s) for {sum(counts.values())} "
-              f"images in {scratch} ({feature_cache.storage_bytes(prefix, sum(counts.values())) / 2**20:.0f} MiB)")
-        cache = feature_cache.build(prefix, {name: dataset(split, images_per_batch, keep=keep if name == "train"
-                                                           else None) for name, split in splits.items()},
-                                    counts, scratch, bfloat16=runtime.frozen_pass_bfloat16)
         cache_report = cache.describe()
         print(f"{run.stage}: cached {cache_report['mib']} MiB of {cache_report['dtype']} features "
               f"(computed in {cache_report['computed_in']}) in {cache_report['seconds']} s")
