@@ -161,3 +161,37 @@ def test_the_cache_lives_where_dvc_never_tracks_it(tmp_path):
     shard = (feature_cache_folder("finetune") / "train-00000.bin").as_posix()
     ignored = subprocess.run(["dvc", "check-ignore", shard], cwd=tmp_path, capture_output=True, text=True)
     assert ignored.returncode == 0 and ignored.stdout.strip() == shard
+
+
+def test_a_disk_too_small_for_the_cache_trains_through_the_base_end_to_end(tmp_path, tiny_archive):
+    """The finetune stage itself, with checkpoints/ (where the cache goes) on a 64 MiB tmpfs: less than
+    DISK_MARGIN free, so the stage must say why, train through the base and still finish. Mounting needs root,
+    which these machines and their CI have; elsewhere the test says so and the measurement tests above remain."""
+    import json
+    import subprocess
+
+    from helpers import make_project, run_stage
+
+    project = make_project(tmp_path / "p", tiny_archive, {"strategy": 2, "pretrain.epochs": 1},
+                           git=False)
+    for stage in ("download", "split", "preprocess", "pretrain", "baseline"):  # finetune compares with baseline
+        run_stage(stage, project, check=True)
+    small_disk = project / "checkpoints"
+    small_disk.mkdir(exist_ok=True)  # pretrain may have left its finished checkpoint: hidden under the mount
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(small_disk)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a 64 MiB tmpfs here ({mounted.stderr.strip()})")
+    try:
+        result = run_stage("finetune", project, check=True)
+        left_on_the_small_disk = list(small_disk.iterdir())
+    finally:
+        subprocess.run(["umount", "-l", str(small_disk)], check=True)
+    folder = small_disk / "finetune" / "features"
+    assert (f"finetune: the feature cache needs 0.0 GiB of float16 in {folder.relative_to(project)} and 1 GiB to "
+            "spare, but only 0.1 GiB is free; training through the base instead") in result.stdout
+    report = json.loads((project / "metrics/finetune.json").read_text())
+    assert report["feature_cache"]["storage"] == "none"
+    assert report["feature_cache"]["reason"].endswith("but only 0.1 GiB is free")
+    assert report["epochs"] == 2 and (project / "models/finetuned.keras").is_file()
+    assert left_on_the_small_disk == []  # no half-written cache, and the finished checkpoint is cleared

@@ -199,10 +199,11 @@ def test_the_registry_finds_both_artifacts_from_a_clone(project, tmp_path, capsy
 
 
 def split_front_matter(card: str) -> tuple[dict, str]:
-    """The YAML block between the opening `---` lines, parsed, and the Markdown after it."""
+    """The YAML block between the opening `---` lines, parsed, and the Markdown after its blank line."""
     opening, front, body = card.split("---\n", 2)
     assert opening == "", "the card must open with its metadata block"
-    return yaml.safe_load(front), body
+    assert body.startswith("\n"), "a blank line separates the metadata from the Markdown"
+    return yaml.safe_load(front), body[1:]
 
 
 def test_the_model_card_says_what_the_metrics_and_params_say(project):

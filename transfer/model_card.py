@@ -32,6 +32,7 @@ def model_card(description: Description, params: Params, finetune: dict, baselin
     source = ", ".join(pretrain["test"]["per_class"])
     lines = [
         metadata(f"cifar10-{backbone}-{'-'.join(classes)}", classes, params.export.license, test["accuracy"]),
+        "",
         f"# Model card: CIFAR-10 classifier for {', '.join(classes)}",
         "",
         "Written by the export stage from metrics/*.json and params.yaml; rerun `dvc repro` rather than edit it.",
@@ -105,4 +106,4 @@ def metadata(name: str, classes: tuple[str, ...], license_id: str, test_accuracy
             }],
         }],
     }
-    return f"---\n{yaml.safe_dump(fields, sort_keys=False)}---\n"
+    return f"---\n{yaml.safe_dump(fields, sort_keys=False)}---"
