@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import os
 import pickle
 import pickletools
 import struct
 import tarfile
+import tracemalloc
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -26,7 +28,8 @@ RECONSTRUCT = np.zeros(0).__reduce__()[0]
 
 class Python2Pickler(pickle._Pickler):
     """Pickles the way Python 2 and numpy 1.x wrote the official archive: byte strings (and Python 2's
-    `str`, which is bytes) as SHORT_BINSTRING/BINSTRING, arrays rebuilt by numpy.core.multiarray._reconstruct."""
+    `str`, which is bytes) as SHORT_BINSTRING/BINSTRING, arrays rebuilt by numpy.core.multiarray._reconstruct,
+    dtypes by numpy.dtype(code, 0, 1)."""
 
     dispatch = pickle._Pickler.dispatch.copy()
 
@@ -40,6 +43,13 @@ class Python2Pickler(pickle._Pickler):
 
     dispatch[bytes] = save_as_python2_str
     dispatch[str] = save_as_python2_str
+
+    def reducer_override(self, obj: object) -> object:
+        # The numpy of 2009 reduced a dtype to numpy.dtype(code, 0, 1); today's writes (code, False, True).
+        if isinstance(obj, np.dtype):
+            function, (code, _, _), state = obj.__reduce__()
+            return function, (code, 0, 1), state
+        return NotImplemented
 
     def save_global(self, obj: object, name: str | None = None) -> None:
         if obj is RECONSTRUCT:
@@ -128,6 +138,9 @@ def test_the_test_archives_are_pickled_as_claimed(tmp_path):
     assert ("GLOBAL", "numpy.core.multiarray _reconstruct") in official
     assert ("SHORT_BINSTRING", "data") in official and "BINSTRING" in {name for name, _ in official}
     assert not {"BINBYTES", "BINUNICODE", "SHORT_BINBYTES"} & {name for name, _ in official}
+    dtype = official.index(("GLOBAL", "numpy dtype"))
+    dtype_arguments = [op for op in official[dtype:dtype + 7] if op[0] != "BINPUT"][1:4]
+    assert dtype_arguments == [("SHORT_BINSTRING", "u1"), ("BININT1", 0), ("BININT1", 1)]  # numpy.dtype("u1", 0, 1)
     assert ("GLOBAL", "_codecs encode") in shared and ("PROTO", 2) in shared
     assert ("PROTO", 4) in protocol4 and ("PROTO", 5) in protocol5
     assert ("SHORT_BINUNICODE", "_frombuffer") in protocol5  # protocol 5 rebuilds arrays another way
@@ -211,7 +224,7 @@ def test_codecs_encode_makes_nothing_but_latin1_bytes(tmp_path, good_archive):
     payload = b"\x80\x02c_codecs\nencode\nX\x03\x00\x00\x00abcX\x05\x00\x00\x00rot13\x86R."
     assert pickle.loads(payload) == "nop"  # what plain pickle would make of it
     bad = replace_member(good_archive, tmp_path / "bad.tar.gz", META, payload)
-    with pytest.raises(PipelineError, match=f"^{bad} is truncated or corrupt \\(UnpicklingError\\)"):
+    with pytest.raises(PipelineError, match=f"^{bad}: batches.meta is truncated or corrupt \\(UnpicklingError\\)"):
         read_archive(bad)
 
 
@@ -317,7 +330,8 @@ def test_a_batch_with_fewer_labels_than_images_is_refused(tmp_path, good_archive
 def test_ragged_labels_are_refused(tmp_path, good_archive):
     payload = pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [[0, 1], [2]]})
     bad = replace_member(good_archive, tmp_path / "bad.tar.gz", TEST_BATCH, payload)
-    with pytest.raises(PipelineError, match=f"^{bad}: test_batch has label data that is not a regular array$"):
+    with pytest.raises(PipelineError, match=f"^{bad}: test_batch has label data that is neither an array nor a list "
+                                            "of integers$"):
         read_archive(bad)
 
 
@@ -336,5 +350,106 @@ def test_a_truncated_archive_keeps_its_message(tmp_path, good_archive):
 
 def test_a_corrupt_pickle_keeps_its_message(tmp_path, good_archive):
     bad = replace_member(good_archive, tmp_path / "bad.tar.gz", TEST_BATCH, pickle.dumps({})[:-3])
-    with pytest.raises(PipelineError, match=f"^{bad} is truncated or corrupt"):
+    with pytest.raises(PipelineError, match=f"^{bad}: test_batch is truncated or corrupt"):
         read_archive(bad)
+
+
+# --- hard bounds: what a pickle declares costs nothing until the bytes behind it are there --------------------
+
+
+class Reduce:
+    """Pickles as `reduce` says: how a hostile archive calls numpy with arguments of its choosing."""
+
+    def __init__(self, *reduce: object) -> None:
+        self.reduce = reduce
+
+    def __reduce__(self) -> tuple:
+        return self.reduce
+
+
+def peak_while_refused(path: Path, message: str) -> int:
+    """Peak bytes Python and numpy allocate while read_archive refuses `path` with exactly `message`."""
+    tracemalloc.start()
+    try:
+        with pytest.raises(PipelineError) as refused:
+            read_archive(path)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        assert str(refused.value) == message
+
+
+def test_the_zero_stride_attack_is_refused_before_numpy_allocates(tmp_path, good_archive):
+    """The issue's 605-byte archive: 150,000 images declared as a zero-stride array over one byte."""
+    huge = Reduce(np.ndarray, ((150_000, 3072), np.dtype(np.uint8), b"\x00", 0, (0, 0)))
+    payload = pickle.dumps({b"data": huge, b"labels": [0] * 10}, protocol=2)
+    bad = replace_member(good_archive, tmp_path / "bad.tar.gz", TRAIN_BATCHES[0], payload)
+    peak = peak_while_refused(bad, f"{bad}: data_batch_1 calls numpy.ndarray directly, which a CIFAR-10 archive "
+                                   "never does; refusing to load it")
+    assert peak < 8 << 20  # what reading the good members takes; the declared array is 440 MiB
+
+
+@pytest.mark.parametrize("shape", [(1 << 40,), (2, 3072), (-1, 3072)])
+def test_a_shape_its_bytes_do_not_fill_is_refused(tmp_path, good_archive, shape):
+    huge = Reduce(RECONSTRUCT, (np.ndarray, (0,), b"b"), (1, shape, np.dtype(np.uint8), False, b"\x00" * 3072))
+    bad = replace_member(good_archive, tmp_path / "bad.tar.gz", TEST_BATCH,
+                         pickle.dumps({b"data": huge, b"labels": [0]}, protocol=2))
+    message = (f"{bad}: test_batch declares an array of shape {shape} and type uint8 that its 3,072 bytes do "
+               "not fill; refusing to load it")
+    if shape[0] < 0:
+        message = (f"{bad}: test_batch holds an array of shape {shape}; a CIFAR-10 batch holds 1 or 2 dimensions; "
+                   "refusing to load it")  # a negative dimension is no dimension
+    assert peak_while_refused(bad, message) < 8 << 20
+
+
+def test_an_object_array_is_refused_before_it_is_built(tmp_path, good_archive):
+    payload = pickle.dumps({b"data": np.array([[b"x"] * 3072], dtype=object), b"labels": [0]}, protocol=2)
+    bad = replace_member(good_archive, tmp_path / "bad.tar.gz", TEST_BATCH, payload)
+    with pytest.raises(PipelineError) as refused:
+        read_archive(bad)
+    assert str(refused.value) == (f"{bad}: test_batch holds an array of type 'O8'; a CIFAR-10 batch holds numbers "
+                                  "(no objects, records or strings); refusing to load it")
+
+
+def test_a_fortran_order_batch_is_refused(tmp_path, good_archive):
+    payload = pickle.dumps({b"data": np.asfortranarray(np.zeros((2, 3072), np.uint8)), b"labels": [0, 1]})
+    bad = replace_member(good_archive, tmp_path / "bad.tar.gz", TEST_BATCH, payload)
+    with pytest.raises(PipelineError, match=f"^{bad}: test_batch holds an array that is not C-contiguous; refusing"):
+        read_archive(bad)
+
+
+def test_a_batch_of_more_than_10000_images_is_refused(tmp_path, good_archive):
+    payload = pickle.dumps({b"data": np.zeros((10_001, 3072), np.uint8), b"labels": [0] * 10_001}, protocol=4)
+    bad = replace_member(good_archive, tmp_path / "bad.tar.gz", TRAIN_BATCHES[4], payload)
+    with pytest.raises(PipelineError) as refused:
+        read_archive(bad)
+    assert str(refused.value) == f"{bad}: data_batch_5 has 10,001 images, more than the 10,000 of a CIFAR-10 batch"
+
+
+@pytest.mark.parametrize(("name", "size", "limit"), [(TRAIN_BATCHES[2], 1 << 40, "no member of a CIFAR-10 archive "
+                                                      "holds more than 67,108,864"),
+                                                     (META, 20_000, "the batches.meta of a CIFAR-10 archive holds "
+                                                      "at most 16,384")])
+def test_a_member_larger_than_an_official_one_is_refused_by_its_header(tmp_path, name, size, limit):
+    """Only the header is there: the size is refused before a byte of the member is read."""
+    info = tarfile.TarInfo(name)
+    info.size = size
+    bad = tmp_path / "bad.tar.gz"
+    with gzip.open(bad, "wb") as stream:
+        stream.write(info.tobuf(format=tarfile.GNU_FORMAT))
+    with pytest.raises(PipelineError) as refused:
+        read_archive(bad)
+    assert str(refused.value) == f"{bad}: {name.rsplit('/', 1)[-1]} is {size:,} bytes; {limit}; refusing to read it"
+
+
+@pytest.mark.parametrize(("payload", "why"), [
+    (b"\x80\x02K\x00r\x00\x00\x00\x40.", "is truncated or corrupt (UnpicklingError)"),  # memo index 2**30: 16 GiB
+    (b"\x80\x02" + b"(" * 100_000 + b")" + b"t" * 100_000 + b".", "nests tuples more than 16 deep"),
+    (b"\x80\x02]\x8f.", "uses the pickle opcode EMPTY_SET"),
+])
+def test_pickles_that_ask_for_memory_or_stack_are_refused_before_they_run(tmp_path, good_archive, payload, why):
+    bad = replace_member(good_archive, tmp_path / "bad.tar.gz", TEST_BATCH, payload)
+    peak = peak_while_refused(bad, f"{bad}: test_batch {why}" + (
+        "; delete the archive and download it again" if "corrupt" in why else
+        ", which a CIFAR-10 archive never needs; refusing to load it"))
+    assert peak < 8 << 20
