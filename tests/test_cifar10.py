@@ -453,3 +453,20 @@ def test_pickles_that_ask_for_memory_or_stack_are_refused_before_they_run(tmp_pa
         "; delete the archive and download it again" if "corrupt" in why else
         ", which a CIFAR-10 archive never needs; refusing to load it"))
     assert peak < 8 << 20
+
+
+def test_a_sparse_member_is_refused(tmp_path):
+    """tarfile reads a sparse member's map for as long as its blocks say it goes on (here: past the end, which
+    escaped as an IndexError)."""
+    info = tarfile.TarInfo(TRAIN_BATCHES[0])
+    info.type = tarfile.GNUTYPE_SPARSE
+    header = bytearray(info.tobuf(format=tarfile.GNU_FORMAT))
+    header[482] = 1  # "the sparse map goes on in the next block"
+    header[148:156] = b" " * 8
+    header[148:156] = b"%06o\0 " % sum(header)  # the checksum
+    bad = tmp_path / "bad.tar.gz"
+    bad.write_bytes(gzip.compress(bytes(header)))
+    with pytest.raises(PipelineError) as refused:
+        read_archive(bad)
+    assert str(refused.value) == (f"{bad} has a sparse member ({TRAIN_BATCHES[0]}), which a CIFAR-10 archive never "
+                                  "has; refusing it")

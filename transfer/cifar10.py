@@ -83,6 +83,9 @@ class _BoundedTarInfo(tarfile.TarInfo):
         if self.type in self.EXTENDED and self.size > MAX_TAR_HEADER_BYTES:
             raise _Refused(f"has a tar header of {self.size:,} bytes, more than the {MAX_TAR_HEADER_BYTES:,} "
                            "a CIFAR-10 archive needs; refusing to read it")
+        # A sparse member's map is read block after block for as long as the blocks say so, with no bound.
+        if self.type == tarfile.GNUTYPE_SPARSE:
+            raise _Refused(f"has a sparse member ({self.name}), which a CIFAR-10 archive never has; refusing it")
         return super()._proc_member(archive)
 
 
