@@ -12,7 +12,9 @@ from pathlib import Path
 class Server:
     def __init__(self, files: dict[str, bytes], faults: list[str]):
         self.files = files
-        self.faults = list(faults)  # consumed one per request: "503", "drop" (half the body, then close), "ok"
+        # Consumed one per request: "503", "drop" (half the body, then close), "not http" (an answer that is no
+        # HTTP), "chunked cut" (a chunked body cut short), "bad length" (a Content-Length that is no number), "ok".
+        self.faults = list(faults)
         self.requests: list[dict] = []
         self.url = ""
 
@@ -32,6 +34,9 @@ def _handler(server: Server) -> type[BaseHTTPRequestHandler]:
             if fault == "503":
                 self.send_error(503, "Service Unavailable")
                 return
+            if fault == "not http":
+                self.wfile.write(b"HELLO THERE\r\n\r\n")
+                return
             start = 0
             if self.headers.get("Range", "").startswith("bytes="):
                 start = int(self.headers["Range"][6:].split("-")[0])
@@ -39,10 +44,15 @@ def _handler(server: Server) -> type[BaseHTTPRequestHandler]:
                 self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
             else:
                 self.send_response(200)
-            self.send_header("Content-Length", str(len(body) - start))
+            payload = body[start:]
+            if fault == "chunked cut":
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                self.wfile.write(b"%x\r\n" % len(payload) + payload[: len(payload) // 2])
+                return
+            self.send_header("Content-Length", "12 bytes" if fault == "bad length" else str(len(payload)))
             self.send_header("Accept-Ranges", "bytes")
             self.end_headers()
-            payload = body[start:]
             if fault == "drop":
                 self.wfile.write(payload[: len(payload) // 2])
                 self.wfile.flush()

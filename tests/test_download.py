@@ -57,6 +57,36 @@ def test_flaky_server_is_retried_and_resumed(project, tiny_archive):
     assert int(third["range"][6:].rstrip("-")) > 0
 
 
+def test_answers_that_are_no_http_are_retried(project, tiny_archive):
+    """http.client raises HTTPException, no OSError, for these: they escaped as tracebacks."""
+    with serve({"cifar.tar.gz": tiny_archive}, faults=["not http", "chunked cut", "ok"]) as server:
+        set_params(project / "params.yaml", {"data.sources.0.url": f"{server.url}/cifar.tar.gz"})
+        result = run_stage("download", project, check=True)
+    assert md5_of(project / ARCHIVE) == md5_of(tiny_archive)
+    assert [line for line in result.stdout.splitlines() if "retrying" in line] == [
+        "download: BadStatusLine, retrying in 0 s (try 2/5)", "download: IncompleteRead, retrying in 1 s (try 3/5)"]
+    assert [request["fault"] for request in server.requests] == ["not http", "chunked cut", "ok"]
+
+
+def test_an_answer_that_is_never_http_is_skipped_with_one_line(project, tiny_archive):
+    with serve({"cifar.tar.gz": tiny_archive}, faults=["not http"] * 5) as server:
+        url = f"{server.url}/cifar.tar.gz"
+        set_params(project / "params.yaml", {"data.sources": sources((url, tiny_archive), tiny_archive)})
+        result = run_stage("download", project, check=True)
+    assert (f"download: skipping data.sources[0]: could not download {url} after 5 tries (BadStatusLine: "
+            "HELLO THERE)" in result.stdout.splitlines()), result.stdout
+    assert record(project)["source"] == 1 and "Traceback" not in result.stderr
+
+
+def test_a_malformed_content_length_is_read_to_the_end(project, tiny_archive):
+    with serve({"cifar.tar.gz": tiny_archive}, faults=["bad length"]) as server:
+        url = f"{server.url}/cifar.tar.gz"
+        set_params(project / "params.yaml", {"data.sources.0.url": url})
+        result = run_stage("download", project, check=True)
+    assert md5_of(project / ARCHIVE) == md5_of(tiny_archive)
+    assert f"download: {url} sent a malformed Content-Length '12 bytes'; reading to the end" in result.stdout
+
+
 def test_local_relative_path_and_file_url(project, tiny_archive):
     (project / "copy.tar.gz").write_bytes(tiny_archive.read_bytes())
     set_params(project / "params.yaml", {"data.sources.0.url": "copy.tar.gz"})

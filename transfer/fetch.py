@@ -12,6 +12,7 @@ not answer is skipped, a file that is there but fails its check is an error.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import re
 import tarfile
 import time
@@ -139,10 +140,11 @@ def _download(url: str, destination: Path) -> None:
             if error.code < 500 or attempt == RETRIES:
                 raise Unreachable(f"{url} answered HTTP {error.code} {error.reason}") from None
             reason = f"HTTP {error.code}"
-        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as error:
+        except (urllib.error.URLError, http.client.HTTPException, OSError) as error:
+            # HTTPException: an answer that is no HTTP (BadStatusLine) or a chunked body cut short (IncompleteRead)
             if attempt == RETRIES:
-                why = getattr(error, "reason", error)
-                raise Unreachable(f"could not download {url} after {RETRIES} tries ({why})") from None
+                why = getattr(error, "reason", None) or f"{type(error).__name__}: {error}"
+                raise Unreachable(f"could not download {url} after {RETRIES} tries ({_one_line(why)})") from None
             reason = type(error).__name__
         print(f"download: {reason}, retrying in {backoff:.0f} s (try {attempt + 1}/{RETRIES})")
         time.sleep(backoff)
@@ -158,6 +160,10 @@ def _download_remaining(url: str, destination: Path) -> None:
             have = 0
         mode = "ab" if have else "wb"
         length = response.headers.get("Content-Length")
+        if length is not None and not re.fullmatch(r"\s*[0-9]+\s*", length):
+            # http.client reads such a body to the end of the connection; so does this, and the md5 checks it.
+            print(f"download: {url} sent a malformed Content-Length {_one_line(length)!r}; reading to the end")
+            length = None
         total = have + int(length) if length is not None else None
         with open(destination, mode) as writer, _progress(total, Path(urlparse(url).path).name) as bar:
             bar.update(have)
@@ -166,6 +172,11 @@ def _download_remaining(url: str, destination: Path) -> None:
                 bar.update(len(chunk))
         if total is not None and destination.stat().st_size < total:
             raise ConnectionError("connection closed before the end of the file")
+
+
+def _one_line(text: object) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= 200 else f"{text[:197]}..."
 
 
 def _progress(total: int | None, name: str) -> tqdm:
