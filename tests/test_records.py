@@ -192,6 +192,43 @@ def test_truncated_shard_is_named(tmp_path, preprocessed):
         check_shards(split)
 
 
+def with_index(shard, record: int, index: int) -> None:
+    """Rewrite `shard` with its record number `record` claiming split index `index`."""
+    examples = [tf.train.Example.FromString(data.numpy()) for data in tf.data.TFRecordDataset(str(shard))]
+    examples[record].features.feature["index"].int64_list.value[:] = [index]
+    with tf.io.TFRecordWriter(str(shard)) as writer:
+        for example in examples:
+            writer.write(example.SerializeToString())
+
+
+@pytest.mark.parametrize("index", ["count", -1])
+def test_a_record_index_outside_the_split_is_named(tmp_path, raw, index):
+    """Such an index was an IndexError traceback in labels_of, or (negative) silently some other record's label."""
+    records = tmp_path / "tfrecords"
+    shutil.copytree(raw / "data/tfrecords", records)
+    split = open_split(records, "target", "train")
+    index = split.count if index == "count" else index
+    with_index(split.files[-1], 2, index)
+    with pytest.raises(PipelineError) as error:
+        labels_of(split)
+    assert str(error.value) == (f"TFRecord shard {split.files[-1]} holds a record of index {index}, outside "
+                                f"0..{split.count - 1} (meta.json says {split.count} records); delete "
+                                "data/tfrecords and rerun `dvc repro`")
+
+
+def test_a_record_index_missing_from_the_split_is_named(tmp_path, raw):
+    records = tmp_path / "tfrecords"
+    shutil.copytree(raw / "data/tfrecords", records)
+    split = open_split(records, "target", "train")
+    first = tf.train.Example.FromString(next(iter(tf.data.TFRecordDataset(str(split.files[0])))).numpy())
+    missing = first.features.feature["index"].int64_list.value[0]
+    with_index(split.files[0], 0, (missing + 1) % split.count)  # two records claim one index, none this one
+    with pytest.raises(PipelineError) as error:
+        labels_of(split)
+    assert str(error.value) == (f"{records}/target/train: no record has index {missing} of 0..{split.count - 1}; "
+                                "delete data/tfrecords and rerun `dvc repro`")
+
+
 def test_finetune_names_a_corrupt_shard(tmp_path, tiny_archive):
     project = make_project(tmp_path / "p", tiny_archive, git=False)
     for stage in ("download", "split", "preprocess"):

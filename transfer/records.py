@@ -306,12 +306,21 @@ def labels_of(split: Split) -> np.ndarray:
     import tensorflow as tf
 
     labels = np.full(split.count, -1, dtype=np.int64)
+    seen = np.zeros(split.count, dtype=bool)
     spec = {"label": tf.io.FixedLenFeature([], tf.int64), "index": tf.io.FixedLenFeature([], tf.int64)}
-    parsed = tf.data.TFRecordDataset([str(path) for path in split.files]).map(
-        lambda record: tf.io.parse_single_example(record, spec)
-    )
-    for batch in parsed.batch(4096).as_numpy_iterator():
-        labels[batch["index"]] = batch["label"]
+    rerun = "delete data/tfrecords and rerun `dvc repro`"
+    for path in split.files:  # one at a time, to name the shard a bad record is in
+        parsed = tf.data.TFRecordDataset(str(path)).map(lambda record: tf.io.parse_single_example(record, spec))
+        for batch in parsed.batch(4096).as_numpy_iterator():
+            index = batch["index"]
+            outside = index[(index < 0) | (index >= split.count)]  # a negative one would silently count from the end
+            if outside.size:
+                raise PipelineError(f"TFRecord shard {path} holds a record of index {outside[0]}, outside "
+                                    f"0..{split.count - 1} (meta.json says {split.count} records); {rerun}")
+            labels[index], seen[index] = batch["label"], True
+    if not seen.all():
+        raise PipelineError(f"{split.root}/{split.task}/{split.name}: no record has index {int(np.argmin(seen))} "
+                            f"of 0..{split.count - 1}; {rerun}")
     return labels
 
 
