@@ -229,6 +229,26 @@ def test_a_record_index_missing_from_the_split_is_named(tmp_path, raw):
                                 "delete data/tfrecords and rerun `dvc repro`")
 
 
+def test_a_full_disk_in_the_shard_writers_is_one_line_and_leaves_nothing(tmp_path, tiny_archive):
+    """TensorFlow's error from a worker process ("<shard>; File too large") was a traceback."""
+    import resource
+
+    project = make_project(tmp_path / "p", tiny_archive, {"preprocess.encoding": "raw", "preprocess.workers": 2},
+                           git=False)
+    for stage in ("download", "split"):
+        run_stage(stage, project, check=True)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, hard))  # a real refusal by the kernel: EFBIG, as ENOSPC
+    try:  # the stage and its worker processes inherit the limit; a shard of 16 or more images is 50 KB
+        result = run_stage("preprocess", project)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert last_line(result) == (f"error: no room to write data/tfrecords: File too large (free disk space under "
+                                 f"{(project / 'data').resolve()} and rerun)")
+    assert sorted(path.name for path in (project / "data").iterdir()) == ["cifar-10-python.tar.gz", "split"]
+
+
 def test_finetune_names_a_corrupt_shard(tmp_path, tiny_archive):
     project = make_project(tmp_path / "p", tiny_archive, git=False)
     for stage in ("download", "split", "preprocess"):

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from transfer.config import describe
 from transfer.errors import PipelineError
+from transfer.outputs import NO_ROOM
 
 if TYPE_CHECKING:  # imported lazily at run time: preprocess workers import this module fresh
     import tensorflow as tf
@@ -62,13 +63,21 @@ def write_shard(job: ShardJob) -> int:
 
     images = np.load(job.images, mmap_mode="r")
     labels = np.load(job.labels)
-    with tf.io.TFRecordWriter(str(job.destination)) as writer:
-        for begin in range(job.start, job.stop, 256):
-            end = min(begin + 256, job.stop)
-            batch = resize(np.asarray(images[begin:end]), job.image_size)
-            for offset, image in enumerate(batch):
-                index = begin + offset
-                writer.write(_example(encode(image, job.encoding, job.jpeg_quality), labels[index], index))
+    try:
+        with tf.io.TFRecordWriter(str(job.destination)) as writer:
+            for begin in range(job.start, job.stop, 256):
+                end = min(begin + 256, job.stop)
+                batch = resize(np.asarray(images[begin:end]), job.image_size)
+                for offset, image in enumerate(batch):
+                    index = begin + offset
+                    writer.write(_example(encode(image, job.encoding, job.jpeg_quality), labels[index], index))
+    except tf.errors.OpError as error:
+        # TensorFlow reports a full disk as "<file>; No space left on device": made the OSError it is, so that
+        # outputs.atomic_output says it in one line, whichever worker process met it.
+        for number in NO_ROOM:
+            if error.message.endswith(os.strerror(number)):
+                raise OSError(number, os.strerror(number), str(job.destination)) from None
+        raise
     return job.stop - job.start
 
 
