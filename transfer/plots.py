@@ -59,7 +59,12 @@ def confusion_matrix(classes: tuple[str, ...], path: Path) -> None:
     """The fine-tuned model's confusion matrix on the target test set, from its predictions CSV."""
     index = {name: i for i, name in enumerate(classes)}
     counts = np.zeros((len(classes), len(classes)), dtype=int)
-    for row in read_csv(PREDICTIONS):
+    for line, row in enumerate(read_csv(PREDICTIONS), start=2):  # line 1 is the header
+        for column in ("actual", "predicted"):
+            if row.get(column) not in index:  # another task's or run's classes, or an edited file
+                raise PipelineError(f"{PREDICTIONS} line {line}: {column} class {row.get(column)!r} is not one of "
+                                    f"the target classes ({', '.join(classes)}); rerun the finetune stage "
+                                    "(dvc repro finetune)")
         counts[index[row["actual"]], index[row["predicted"]]] += 1
     accuracy = np.trace(counts) / max(counts.sum(), 1)
     figure = Figure(figsize=(5.5, 5))
