@@ -9,7 +9,8 @@ is data, so it is read within hard bounds, each checked before the memory it gua
 - the only globals are numpy's array rebuilders and `_codecs.encode`, each replaced by a function that checks
   its arguments (integer or float types, C order, a shape that the bytes it is given fill exactly) and counts
   what it builds against twice the member's size, before numpy or the codec allocates anything.
-So reading takes a small multiple of the largest member's size, whatever the pickles declare.
+So reading takes a small multiple of the members' total size (64 MiB a batch at most), whatever the pickles
+declare.
 """
 
 from __future__ import annotations
