@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import types
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,9 +82,9 @@ def classifier(
 ) -> keras.Model:
     """Wrap `base` with preprocessing and a fresh head.
 
-    base_training=False keeps the base's BatchNorm layers in inference mode
-    even while the head trains, as the Keras transfer-learning guide says;
-    None lets fit() put them in training mode (pretraining, training from scratch).
+    base_training=False keeps the base's BatchNorm layers in inference mode even while the head trains, as
+    the Keras transfer-learning guide says (see keep_batchnorm_statistics; a model loaded from a file needs it
+    again); None lets fit() put them in training mode (pretraining, training from scratch).
     """
     inputs = keras.Input(base.input_shape[1:], name="images")
     if backbone == "inception_v3":  # InceptionV3 expects pixels in [-1, 1]
@@ -92,7 +93,9 @@ def classifier(
     else:
         x = keras.layers.Rescaling(1 / 255, name="preprocess")(inputs)
         pool = keras.layers.Flatten(name="pool")
-    x = pool(base(x, training=base_training))
+    if base_training is False:
+        keep_batchnorm_statistics(base)
+    x = pool(base(x))
     x = keras.layers.Dense(head_units, activation="relu", name="head_dense")(x)
     x = keras.layers.Dropout(dropout, name="head_dropout")(x)
     # float32 output keeps the softmax stable under mixed precision.
@@ -132,7 +135,7 @@ def frozen_prefix(model: keras.Model) -> tuple[keras.Model, keras.Model] | None:
     base_suffix = keras.Model(cut, base.output)
     prefix = keras.Model(images, base_prefix(x, training=False), name="frozen_prefix")
     suffix_inputs = [keras.Input(tensor.shape[1:], name=f"features_{i}") for i, tensor in enumerate(cut)]
-    y = model.get_layer("pool")(base_suffix(suffix_inputs, training=False))
+    y = model.get_layer("pool")(base_suffix(suffix_inputs))
     for name in HEAD_AFTER_POOL:
         y = model.get_layer(name)(y)
     return prefix, keras.Model(suffix_inputs, y, name="trainable_suffix")
@@ -150,6 +153,26 @@ def _tensors_entering(suffix_layers: list) -> list:
             if id(tensor) not in made_inside and all(tensor is not seen for seen in cut):
                 cut.append(tensor)
     return cut
+
+
+def keep_batchnorm_statistics(base: keras.Model) -> None:
+    """Make each BatchNormalization layer of `base` normalise with its moving mean and variance and never update
+    them, whatever `training` it is called with; its gamma and beta still train when the layer is trainable.
+
+    Calling the base with training=False does not do it: in Keras 3.15 a functional model hands its own call's
+    `training` to every layer it calls, so fit()'s training=True replaces the False recorded on a nested base.
+    Nor does trainable=False, which also freezes gamma and beta. So each layer's `call` is replaced on the
+    instance (Layer.__call__ resolves `training`, then calls `self.call`). The .keras file stays plain Keras
+    and does not keep this: a model loaded to train on again (a resumed checkpoint) needs it again.
+    On a Keras upgrade run tests/test_batchnorm.py.
+    """
+    for layer in base.layers:  # our bases are flat: no nested model holds BatchNorm layers
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.call = types.MethodType(_normalise_in_inference_mode, layer)
+
+
+def _normalise_in_inference_mode(layer: keras.layers.BatchNormalization, inputs, training=None, mask=None):
+    return type(layer).call(layer, inputs, training=False, mask=mask)
 
 
 def base_of(model: keras.Model) -> keras.Model:

@@ -31,7 +31,16 @@ from transfer.checkpoints import Checkpoints, Progress, best_weights
 from transfer.config import Optimisation, Params, Strategy, Training
 from transfer.evaluation import EVAL_BATCH, evaluate_splits
 from transfer.feature_cache import inference_batch, not_cached
-from transfer.models import base_of, build_base, classifier, count_params, frozen_prefix, load_model, save_model
+from transfer.models import (
+    base_of,
+    build_base,
+    classifier,
+    count_params,
+    frozen_prefix,
+    keep_batchnorm_statistics,
+    load_model,
+    save_model,
+)
 from transfer.outputs import write_json
 from transfer.paths import PRETRAINED_MODEL, RECORDS, SPLITS, feature_cache_folder, history_file, metrics_file
 from transfer.records import Split, check_shards, dataset, epochs, labels_of, open_split
@@ -123,6 +132,8 @@ def _train_classifier(run: Run, splits: dict[str, Split], params: Params, runtim
         if resumable is not None:
             with runtime.distribution.scope():
                 resumed, progress = checkpoints.resume(resumable, runtime.workers, runtime.chief)
+            if resumed is not None and keeps_statistics(run):  # a .keras file holds plain BatchNorm layers
+                keep_batchnorm_statistics(base_of(resumed))
             model = resumed or model
         data = {name: dataset(split, EVAL_BATCH, keep=keep if name == "train" else None)
                 for name, split in splits.items()}
@@ -152,14 +163,22 @@ def build_classifier(run: Run, params: Params, classes: int, image_size: int) ->
     keras.utils.set_random_seed(run.seed)  # the same fresh head whatever ran before
     backbone = params.model.backbone
     base = base_of(pretrained) if pretrained is not None else build_base(backbone, image_size, run.init)
-    # A pretrained base keeps its BatchNorm statistics (inference mode), and so does one that pretrain partly
-    # freezes (the Keras transfer-learning recipe); a base that trains whole, or from random weights, learns them.
-    keeps_statistics = pretrained is not None or run.strategy is not None and run.strategy.base_weights == "pretrained"
     model = classifier(base, backbone, classes, params.model.head_units, params.model.dropout,
-                       base_training=False if keeps_statistics else None)
+                       base_training=False if keeps_statistics(run) else None)
     if run.strategy is not None:
         freeze(base, run.strategy, backbone)
     return model
+
+
+def keeps_statistics(run: Run) -> bool:
+    """Whether the run's base keeps its BatchNorm statistics (inference mode) whatever trains.
+
+    A base that starts from learnt weights does, as the Keras transfer-learning recipe says: the pretrained base
+    of finetune, and one that pretrain partly freezes (ImageNet or a weights file). One that starts from random
+    weights learns them (the baseline), and so does pretrain when it trains the whole network (the default): it
+    adapts the whole ImageNet network, statistics included, to the source task, as the pipeline always has.
+    """
+    return run.init == PRETRAINED or (run.init != "none" and run.strategy is not None)
 
 
 def open_task(task: str) -> dict[str, Split]:
