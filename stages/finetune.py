@@ -1,11 +1,12 @@
 """Stage: fine-tune the pretrained base on the target task with the chosen strategy.
 
 A fresh head replaces the source head; `strategies[strategy]` says which base
-layers train. The base runs in inference mode (BatchNorm keeps its statistics)
-unless it starts from random weights. With finetune.cache_features the frozen
-part of the network runs once over every split and only the trainable rest
-trains on its output. finetune.json reports `gain_over_scratch`: test accuracy
-minus the baseline stage's (the same network trained from random weights).
+layers train. The base's BatchNorm layers keep their statistics (inference
+mode) whatever trains, unless it starts from random weights. With
+finetune.cache_features the frozen part of the network runs once over every
+split and only the trainable rest trains on its output. finetune.json reports
+`gain_over_scratch`: test accuracy minus the baseline stage's (the same network
+trained from random weights).
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ from model.weights, and an interrupted run continues where it stopped
 (transfer/checkpoints.py). With pretrain.trainable_base_layers (or
 frozen_base_layers) the base's first layers stay frozen as in finetune's
 strategies: they keep their weights and BatchNorm statistics, run once over
-the images, and only the rest trains on their cached output.
+the images, and only the rest trains on their cached output (from ImageNet or
+a weights file, the BatchNorm layers that train keep their statistics too).
 """
 
 from __future__ import annotations
