@@ -17,6 +17,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +30,8 @@ from transfer.config import load_params
 
 WORKFLOWS = ROOT / ".github/workflows"
 REPORT, COMMENT, TESTS = (WORKFLOWS / f"{name}.yml" for name in ("pr-report", "pr-comment", "tests"))
-TINY_PROFILE = "-S pretrain.epochs=1 -S finetune.epochs=1\n"  # on top of make_project's tiny params
+# On top of make_project's tiny params; up to `figures`: export (SavedModel, TFLite) makes nothing the report reads.
+TINY_PROFILE = "figures -S pretrain.epochs=1 -S finetune.epochs=1\n"
 NUMBER = 7
 REPORT_RUN_ID = 1001
 EXPRESSION = re.compile(r"\$\{\{\s*(.*?)\s*\}\}")
@@ -56,6 +58,7 @@ class Step:
     outcome: str  # success, failure or skipped
     stdout: str = ""
     stderr: str = ""
+    seconds: float = 0.0
 
 
 @dataclass
@@ -98,6 +101,7 @@ class Runner:
             if not self.condition(step.get("if", "success()")):
                 self.steps.append(Step(name, "skipped"))
                 continue
+            started = time.monotonic()
             if "uses" in step:
                 result = self.action(step["uses"].split("@")[0], self.substituted(step.get("with", {})))
             elif step["run"].startswith("pip install"):
@@ -105,7 +109,7 @@ class Runner:
                 result = Step(name, "skipped")
             else:
                 result = self.script(step, number)
-            result.name = name
+            result.name, result.seconds = name, time.monotonic() - started
             self.steps.append(result)
         return self.steps
 
@@ -276,8 +280,8 @@ def rehearsal(project) -> Rehearsal:
 
 
 def _log(runner: Runner) -> str:
-    return "\n".join(f"--- {step.name}: {step.outcome}\n{step.stdout[-3000:]}\n{step.stderr[-3000:]}"
-                     for step in runner.steps)
+    return "\n".join(f"--- {step.name}: {step.outcome} ({step.seconds:.1f} s)\n"
+                     f"{step.stdout[-3000:]}\n{step.stderr[-3000:]}" for step in runner.steps)
 
 
 def artifact_of(runner: Runner) -> Path:
