@@ -33,6 +33,7 @@ REPORT, COMMENT, TESTS = (WORKFLOWS / f"{name}.yml" for name in ("pr-report", "p
 # On top of make_project's tiny params; up to `figures`: export (SavedModel, TFLite) makes nothing the report reads.
 TINY_PROFILE = "figures -S pretrain.epochs=1 -S finetune.epochs=1\n"
 NUMBER = 7
+VENV_BIN = str(Path(sys.executable).parent)
 REPORT_RUN_ID = 1001
 EXPRESSION = re.compile(r"\$\{\{\s*(.*?)\s*\}\}")
 # Stands in for CML: records its arguments, its environment's CML switches and the file it was given.
@@ -76,6 +77,7 @@ class Runner:
     run_id: int
     env: dict = field(default_factory=dict)  # overrides of the workflow's env (the profile)
     steps: list[Step] = field(default_factory=list)
+    python: bool = False  # whether actions/setup-python ran: this venv's python on PATH, not the runner's own
 
     def __post_init__(self):
         self.workspace, self.temp = self.root / "workspace", self.root / "temp"
@@ -148,7 +150,7 @@ class Runner:
                "GITHUB_EVENT_PATH": str(self.event_path), "GITHUB_SHA": self.sha, "GITHUB_RUN_ID": str(self.run_id),
                "GITHUB_REPOSITORY": "owner/cifar10-transfer", "GITHUB_SERVER_URL": "https://github.com",
                "GITHUB_WORKSPACE": str(self.workspace), "GITHUB_OUTPUT": str(output), "RUNNER_TEMP": str(self.temp),
-               "PATH": f"{self.bin}:{Path(sys.executable).parent}:{os.environ['PATH']}",
+               "PATH": ":".join([str(self.bin), *([VENV_BIN] if self.python else []), *_outside_venv(os.environ)]),
                "DVC_NO_ANALYTICS": "1", "PYTHONUNBUFFERED": "1"}
         result = subprocess.run(["bash", "--noprofile", "--norc", "-eo", "pipefail", str(script)], cwd=self.workspace,
                                 env=env, capture_output=True, text=True)
@@ -163,7 +165,7 @@ class Runner:
             run(["git", "clone", "-q", str(self.origin), "."], self.workspace)
             run(["git", "checkout", "-q", "--detach", given.get("ref") or self.sha], self.workspace)
         elif action == "actions/setup-python":
-            pass  # this venv's python is first on PATH
+            self.python = True  # this venv (the project installed) stands in for the python it sets up
         elif action == "actions/cache":
             pass  # a cold cache (a first run): nothing restored; saving it afterwards changes nothing here
         elif action == "iterative/setup-cml":
@@ -184,8 +186,15 @@ class Runner:
 
 
 def _clean(environ) -> dict:
-    """This process's environment without what a GitHub runner would set itself."""
-    return {key: value for key, value in environ.items() if not key.startswith(("GITHUB_", "RUNNER_"))}
+    """This process's environment without what a GitHub runner would set itself, or an activated venv."""
+    return {key: value for key, value in environ.items()
+            if not key.startswith(("GITHUB_", "RUNNER_")) and key != "VIRTUAL_ENV"}
+
+
+def _outside_venv(environ) -> list[str]:
+    """PATH without this venv: a job that does not set up Python (pr-comment.yml) gets the runner's python3,
+    which does not have the project's dependencies."""
+    return [folder for folder in environ["PATH"].split(":") if folder and folder != VENV_BIN]
 
 
 def commit(repo: Path, message: str) -> str:
