@@ -191,14 +191,13 @@ def test_cached_features_train_the_same_model_as_the_plain_path(inception_projec
 
     # Weights: RMSprop divides each gradient component by its root mean square, so a component whose gradient
     # is as small as the rounding noise moves about a learning rate per step in a direction the noise picks,
-    # on either path: elementwise, weights need not agree (on AMD EPYC 6 of 192 BatchNorm offsets flipped
-    # after one step). Such a component random-walks (sqrt(steps) learning rates) while one the data steers
-    # moves steps learning rates, so over 20 steps the difference of each weight array stays a small part of
-    # how far it moved: at most 5% (measured: 0.6% at most).
+    # on either path: such a weight need not agree (on AMD EPYC 6 of 192 BatchNorm offsets flipped after one
+    # step). Every weight the data steers agrees far below a tenth of the learning rate; the noise-steered ones
+    # are a few percent of an array at most (measured: 3 of strategy 2's 192 BatchNorm offsets, none elsewhere).
+    tenth_of_a_step = run.settings.learning_rate / 10
     for start, a, b in zip(before, after_cached, after_plain, strict=True):
-        moved = np.linalg.norm(b - start)
-        assert moved > 0  # every trainable array trained
-        assert np.linalg.norm(a - b) <= 0.05 * moved
+        assert np.linalg.norm(b - start) > 0  # every trainable array trained
+        assert np.mean(np.abs(a - b) > tenth_of_a_step) <= 0.05
 
 
 def test_weights_file_that_does_not_exist(tmp_path):
