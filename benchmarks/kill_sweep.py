@@ -105,6 +105,7 @@ class Kill:
     after_seconds: float  # into this rerun
     epochs_checkpointed: dict[str, int] = field(default_factory=dict)
     temporaries: list[str] = field(default_factory=list)  # temporary outputs the kill left
+    checkpoints: list[str] = field(default_factory=list)  # what checkpoints/ held: checkpoints, feature caches
     next_run: list[str] = field(default_factory=list)  # what the next run said about it
 
 
@@ -198,14 +199,24 @@ def epochs_checkpointed(project: Path) -> dict[str, int]:
     return done
 
 
+def checkpoint_contents(project: Path) -> list[str]:
+    """checkpoints/<stage>/<entry> as `<stage>/<entry>`: `latest` (a checkpoint), `features` (a feature cache)..."""
+    return sorted(str(entry.relative_to(project / "checkpoints")) for entry in project.glob("checkpoints/*/*"))
+
+
 NOTABLE = re.compile(r"^.*(?:resuming|discarding|[Kk]illed|error|ERROR|WARNING|[Ll]ock).*$", re.MULTILINE)
+STALE_LOCK = re.compile(r"in RWLock-file '[^']+' had been killed")  # dvc frees a killed run's locks, path by path
 
 
 def notable(run: Run) -> list[str]:
-    """What a rerun said about the state a kill left: resumed or discarded checkpoints, DVC's lock warnings, errors."""
-    return [line.strip() for line in NOTABLE.findall(run.stdout + run.stderr)
-            if "oneDNN" not in line and "absl::InitializeLog" not in line and "Updating lock file" not in line
-            and "Generating lock file" not in line]
+    """What a rerun said about the state a kill left: resumed or discarded checkpoints, DVC's lock warnings (counted),
+    errors."""
+    text = run.stdout + run.stderr
+    lines = [line.strip() for line in NOTABLE.findall(text)
+             if "oneDNN" not in line and "absl::InitializeLog" not in line and "Updating lock file" not in line
+             and "Generating lock file" not in line and not STALE_LOCK.search(line)]
+    freed = len(STALE_LOCK.findall(text))
+    return lines + ([f"dvc freed {freed} stale lock entries of the killed run"] if freed else [])
 
 
 def sweep(project: Path, timeline: Timeline, instants: list[float], logs: Path,
@@ -233,7 +244,7 @@ def sweep(project: Path, timeline: Timeline, instants: list[float], logs: Path,
                 inside = stage_running(process.pid)
                 kill_group(process)
                 landed.append(Kill(target, phase, inside, round(now - began, 2),
-                                   epochs_checkpointed(project), temporaries(project)))
+                                   epochs_checkpointed(project), temporaries(project), checkpoint_contents(project)))
                 break
             time.sleep(POLL)
         run.returncode, run.seconds = process.wait(), time.monotonic() - began
@@ -326,7 +337,7 @@ def kill_test(reference: Path, killed: Path, kills: int, seed: int, logs: Path, 
     for number, kill in enumerate(landed, 1):
         print(f"kill {number:2d} at {kill.instant:6.1f} s ({kill.after_seconds:5.1f} s into run {number}): "
               f"{kill.stage}{'' if kill.stage_process else ' (dvc itself)'}; checkpointed {kill.epochs_checkpointed}; "
-              f"left {kill.temporaries}; next run: {kill.next_run}", flush=True)
+              f"held {kill.checkpoints}; left {kill.temporaries}; next run: {kill.next_run}", flush=True)
     return timeline, landed, runs, differences(killed, reference) + problems(killed, runs)
 
 
