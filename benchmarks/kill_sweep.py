@@ -35,6 +35,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -142,6 +143,13 @@ def kill_instants(timeline: Timeline, kills: int, seed: int) -> list[float]:
     """One instant drawn uniformly in each of `kills` equal slices of the timeline: spread over the whole run."""
     rng = random.Random(seed)
     return [(slice_ + rng.random()) * timeline.total / kills for slice_ in range(kills)]
+
+
+def instants_in(timeline: Timeline, places: dict[str, float]) -> list[float]:
+    """Kill instants at a share of named stages' time on the timeline, e.g. {"preprocess": 0.5}: where a stage is
+    at work (a short test's few kills would otherwise mostly land in TensorFlow's start-up)."""
+    return sorted(start + share * (end - start)
+                  for (start, end), share in ((timeline.window(stage), share) for stage, share in places.items()))
 
 
 def stage_running(pid: int) -> bool:
@@ -325,15 +333,15 @@ def problems(project: Path, runs: list[Run]) -> list[str]:
     return found
 
 
-def kill_test(reference: Path, killed: Path, kills: int, seed: int, logs: Path, timeout: float = 3600
-              ) -> tuple[Timeline, list[Kill], list[Run], list[str]]:
+def kill_test(reference: Path, killed: Path, instants: Callable[[Timeline], list[float]], logs: Path,
+              timeout: float = 3600) -> tuple[Timeline, list[Kill], list[Run], list[str]]:
     """The whole test on two fresh copies of a project: `dvc repro` in `reference` uninterrupted, then in `killed`
-    with `kills` kills; the timeline, the kills, the killed project's runs and what differs or is wrong (empty:
-    nothing)."""
+    with a kill at each of the instants chosen on the reference's timeline; the timeline, the kills, the killed
+    project's runs and what differs or is wrong (empty: nothing)."""
     timeline = timed_repro(reference, logs / "reference")
     print(f"reference: {timeline.total:.1f} s; stages began at "
           + ", ".join(f"{name} {at:.1f}" for name, at in timeline.starts.items()), flush=True)
-    landed, runs = sweep(killed, timeline, kill_instants(timeline, kills, seed), logs / "killed", timeout)
+    landed, runs = sweep(killed, timeline, instants(timeline), logs / "killed", timeout)
     for number, kill in enumerate(landed, 1):
         print(f"kill {number:2d} at {kill.instant:6.1f} s ({kill.after_seconds:5.1f} s into run {number}): "
               f"{kill.stage}{'' if kill.stage_process else ' (dvc itself)'}; checkpointed {kill.epochs_checkpointed}; "
@@ -368,7 +376,10 @@ def main() -> None:
     reference = dvc_project("kill_sweep/reference", args, overrides)
     killed = dvc_project("kill_sweep/killed", args, overrides)
     os.chdir(here)
-    timeline, landed, runs, found = kill_test(reference, killed, args.kills, args.seed, root / "logs")
+    def instants(timeline: Timeline) -> list[float]:
+        return kill_instants(timeline, args.kills, args.seed)
+
+    timeline, landed, runs, found = kill_test(reference, killed, instants, root / "logs")
     for problem in found:
         print("PROBLEM", problem)
     report({"kills": len(landed), "kills_asked": args.kills, "seed": args.seed,
