@@ -14,14 +14,18 @@ the next one). So each rerun gets further than the one before, and a resumed sta
 its time says, is killed no earlier. A last `dvc repro` then runs to the end. The sweep checks that
 
 - metrics (timing fields aside), histories, predictions, figures, the TFLite file and the export's text files are
-  identical, and the models and the SavedModel hold identical weights (their files record when they were saved);
+  identical, so are the archive, data/split and data/tfrecords (their md5 in dvc.lock), and the models and the
+  SavedModel hold identical weights (their files record when they were saved);
 - `dvc status` is clean;
-- no temporary output (`.*.tmp-*`), checkpoint or feature cache is left (checkpoints/ empty or absent);
+- no half-replaced output (`.<name>.tmp-<pid>`, `.new-`, `.old-`), checkpoint or feature cache is left
+  (checkpoints/ empty or absent);
 - no run printed a Python traceback.
 
 Each kill is listed with where it landed: the stage dvc was at, whether that stage's own process was running
-(else dvc was doing its own work before or after it), the epochs its checkpoint held and any temporary output left.
-RESULT gives the kills, the differences and the killed run's total time as a ratio of the reference's.
+(else dvc was doing its own work before or after it), the epochs checkpointed, what checkpoints/ held (a feature
+cache: `<stage>/features`), any temporary output left, and what the next run said about it. tests/test_faults.py
+runs the same test (kill_test) with 3 kills. RESULT gives the kills, the differences and the killed run's total
+time as a ratio of the reference's.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+import yaml
 
 from benchmarks.common import archive_share, arguments, report, workspace
 
@@ -53,6 +58,7 @@ TRAINING_STAGES = ("pretrain", "baseline", "finetune")
 SAME_TEXT = ("metrics/pretrain_history.csv", "metrics/baseline_history.csv", "metrics/finetune_history.csv",
              "metrics/finetune_predictions.csv", "models/export/labels.txt", "models/export/MODEL_CARD.md")
 METRICS = ("metrics/pretrain.json", "metrics/baseline.json", "metrics/finetune.json")
+DATA = ("data/cifar-10-python.tar.gz", "data/split", "data/tfrecords")  # compared by their md5 in dvc.lock
 MODELS = ("models/pretrained.keras", "models/finetuned.keras")
 FIGURES = Path("metrics/figures")
 TFLITE = Path("models/export/model.tflite")  # byte for byte the same from run to run, unlike the SavedModel's files
@@ -289,6 +295,9 @@ def differences(project: Path, reference: Path) -> list[str]:
         ours, theirs = (without_timing(json.loads((folder / name).read_text())) for folder in (project, reference))
         if ours != theirs:
             found.append(f"{name}: {ours} != {theirs}")
+    ours, theirs = (locked_md5s(folder) for folder in (project, reference))
+    found += [f"{name}: md5 {ours.get(name)} != {theirs.get(name)}" for name in DATA
+              if ours.get(name) != theirs.get(name)]
     for name in SAME_TEXT:
         if (project / name).read_text() != (reference / name).read_text():
             found.append(f"{name} differs")
@@ -303,6 +312,12 @@ def differences(project: Path, reference: Path) -> list[str]:
         if len(ours) != len(theirs) or not all(np.array_equal(a, b) for a, b in zip(ours, theirs)):
             found.append(f"{name}: weights differ")
     return found
+
+
+def locked_md5s(project: Path) -> dict[str, str]:
+    """Every output's md5 as dvc.lock records it."""
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    return {out["path"]: out.get("md5") for stage in lock["stages"].values() for out in stage.get("outs", [])}
 
 
 def saved_model_weights(path: Path) -> list[np.ndarray]:
