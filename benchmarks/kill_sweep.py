@@ -113,6 +113,8 @@ class Kill:
     epochs_checkpointed: dict[str, int] = field(default_factory=dict)
     temporaries: list[str] = field(default_factory=list)  # temporary outputs the kill left
     checkpoints: list[str] = field(default_factory=list)  # what checkpoints/ held: checkpoints, feature caches
+    emptied: list[str] = field(default_factory=list)  # DVC's own files it left empty (removed before the next run)
+    run: int = 0  # the run it killed
     next_run: list[str] = field(default_factory=list)  # what the next run said about it
 
 
@@ -258,19 +260,38 @@ def sweep(project: Path, timeline: Timeline, instants: list[float], logs: Path,
                 inside = stage_running(process.pid)
                 kill_group(process)
                 landed.append(Kill(target, phase, inside, round(now - began, 2),
-                                   epochs_checkpointed(project), temporaries(project), checkpoint_contents(project)))
+                                   epochs_checkpointed(project), temporaries(project), checkpoint_contents(project),
+                                   run=run.index))
                 break
             time.sleep(POLL)
         run.returncode, run.seconds = process.wait(), time.monotonic() - began
+        if run.returncode != -signal.SIGKILL and landed and dvc_file_emptied(project, run, landed[-1]):
+            continue  # DVC's own file, written in place, cleared as docs/troubleshooting.md says; run again
         if run.returncode != -signal.SIGKILL:
             break
-    for kill, after in zip(landed, runs[1:]):
-        kill.next_run = notable(after)
+    for kill in landed:
+        kill.next_run = notable(runs[kill.run])  # runs[i] is run i + 1: the one after
     if runs[-1].returncode != 0:
         raise AssertionError(f"dvc repro (run {runs[-1].index}) failed ({runs[-1].returncode}) after "
                              f"{landed[-1] if landed else 'no kill'}:\n{runs[-1].stdout}\n{runs[-1].stderr}")
     # Fewer kills than instants: a rerun ended before the next instant came (it ran faster than the reference).
     return landed, runs
+
+
+# DVC 3.67 writes these in place (open "w+", then dump): a kill in between leaves them empty, and every later dvc
+# command refuses to run until the file is removed.
+DVC_FILES = {"dvc.lock": "'./dvc.lock' validation failed", ".dvc/tmp/rwlock": "Unable to read RWLock-file"}
+
+
+def dvc_file_emptied(project: Path, run: Run, kill: Kill) -> bool:
+    """Whether `run` failed on a DVC file that the kill before it left empty; if so, note it on that kill (a problem
+    of the sweep) and remove the file, as a user would."""
+    for name, message in DVC_FILES.items():
+        if message in run.stdout + run.stderr and (project / name).is_file() and not (project / name).stat().st_size:
+            kill.emptied.append(name)
+            (project / name).unlink()
+            return True
+    return False
 
 
 def without_timing(metrics: dict) -> dict:
@@ -358,10 +379,13 @@ def kill_test(reference: Path, killed: Path, instants: Callable[[Timeline], list
           + ", ".join(f"{name} {at:.1f}" for name, at in timeline.starts.items()), flush=True)
     landed, runs = sweep(killed, timeline, instants(timeline), logs / "killed", timeout)
     for number, kill in enumerate(landed, 1):
-        print(f"kill {number:2d} at {kill.instant:6.1f} s ({kill.after_seconds:5.1f} s into run {number}): "
+        print(f"kill {number:2d} at {kill.instant:6.1f} s ({kill.after_seconds:5.1f} s into run {kill.run}): "
               f"{kill.stage}{'' if kill.stage_process else ' (dvc itself)'}; checkpointed {kill.epochs_checkpointed}; "
-              f"held {kill.checkpoints}; left {kill.temporaries}; next run: {kill.next_run}", flush=True)
-    return timeline, landed, runs, differences(killed, reference) + problems(killed, runs)
+              f"held {kill.checkpoints}; left {kill.temporaries}{' and emptied ' if kill.emptied else ''}"
+              f"{kill.emptied or ''}; next run: {kill.next_run}", flush=True)
+    emptied = [f"kill {number} left {name} empty: the next dvc repro refused to run until it was removed"
+               for number, kill in enumerate(landed, 1) for name in kill.emptied]
+    return timeline, landed, runs, emptied + differences(killed, reference) + problems(killed, runs)
 
 
 def dvc_project(name: str, args, overrides: dict[str, object]) -> Path:
