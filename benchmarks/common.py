@@ -32,8 +32,8 @@ def arguments(description: str) -> argparse.ArgumentParser:
 # params.yaml's strategies 2 and 3 count InceptionV3's layers; small_cnn runs take the CPU profile's.
 SMALL_CNN_STRATEGIES = {"strategies.2.trainable_base_layers": 2, "strategies.3.frozen_base_layers": 3}
 # What a stage reads from the project root: its params, and dvc.yaml with the code it names (a training
-# stage's checkpoint identity is everything dvc.yaml lists for it).
-PROJECT_FILES = ("params.yaml", "dvc.yaml", "stages", "transfer")
+# stage's checkpoint identity is everything dvc.yaml lists for it, weights/ included).
+PROJECT_FILES = ("params.yaml", "dvc.yaml", "stages", "transfer", "weights")
 STDERR_TAIL_LINES = 20  # enough for a Python traceback's last frames and the error itself
 
 

@@ -23,6 +23,7 @@ import psutil
 import pytest
 from helpers import finish, make_project, run, set_params, sources, start, write_learnable_archive
 
+from benchmarks import kill_sweep
 from transfer.records import check_shards, open_split
 
 EPOCHS = 5
@@ -244,3 +245,16 @@ def test_ctrl_c_during_preprocess_leaves_nothing(slow_preprocess):
     _, alive = psutil.wait_procs(workers, timeout=5)
     assert not alive
     assert not stale_records(project) and not (project / "data/tfrecords").exists()
+
+
+def test_kill_9_of_dvc_repro_at_any_instant_ends_as_the_uninterrupted_run(tmp_path):
+    """benchmarks/kill_sweep.py's kill test (its sweep: 20 or more kills at random instants) with 3 kills of the
+    whole pipeline's process group, aimed where stages are at work: half way through preprocess (writing shards),
+    late in pretrain and in finetune (a rerun faster than the reference is killed at the next stage's start).
+    Rerun after each, it ends as an uninterrupted run, with nothing left behind and no traceback."""
+    archive = write_learnable_archive(tmp_path / "cifar-10-python.tar.gz")
+    reference, killed = (make_project(tmp_path / name, archive, {"strategy": 2}) for name in ("reference", "killed"))
+    places = {"preprocess": 0.5, "pretrain": 0.9, "finetune": 0.8}
+    _, kills, _, found = kill_sweep.kill_test(reference, killed, lambda timeline: kill_sweep.instants_in(
+        timeline, places), tmp_path / "logs", timeout=1200)
+    assert len(kills) == len(places) and found == [], "\n".join(map(str, [*found, *kills]))
