@@ -14,7 +14,7 @@ import json
 import time
 
 import pytest
-from helpers import finish, make_project, run, start
+from helpers import copy_project, finish, run, set_params, start
 from test_experiments import wait_for_queue
 
 from tools.label_efficiency import experiments
@@ -52,10 +52,14 @@ def pretrain_metrics(project, while_running: bool = False) -> dict[str, tuple[st
 
 
 @pytest.fixture(scope="module")
-def watched(tmp_path_factory, tiny_archive):
+def watched(tmp_path_factory, finished_project):
     """Queue a long pretrain, start the queue and poll `dvc exp show` and `dvc plots diff` while it runs: the live
     epochs and the curves seen."""
-    project = make_project(tmp_path_factory.mktemp("live") / "p", tiny_archive, {"pretrain.epochs": EPOCHS})
+    # A copy of a project that ran: the experiment takes the data stages from the run-cache and trains at once.
+    project = copy_project(finished_project.project, tmp_path_factory.mktemp("live") / "p")
+    set_params(project / "params.yaml", {"pretrain.epochs": EPOCHS})
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", "a long pretrain"], project)
     run(["dvc", "exp", "run", "--queue", "-n", "watched", "pretrain"], project)
     # Not run(): the worker it starts inherits its output, and capturing that would wait for the worker to end.
     started = finish(start(["dvc", "queue", "start"], project), timeout=120)

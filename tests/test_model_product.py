@@ -14,27 +14,24 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import yaml
-from helpers import ROOT, make_project, run
+from helpers import ROOT, copy_project, run
 
 from transfer.cli import main
 from transfer.models import read_description
 from transfer.records import Storage, dataset, open_split, prepare
 from transfer.strategies import describe
 
-# As in test_pipeline.py: the tiny archive's classes are learned, so predictions are no coin flips.
-LEARN = {"finetune.epochs": 10, "finetune.learning_rate": 0.01}
 MODEL = "cifar10-target-classifier"
 SERVING = "cifar10-target-classifier-serving"
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory, tiny_archive) -> Path:
-    """A committed project after `dvc repro`, its outputs pushed to a local remote (about 80 s here)."""
+def project(tmp_path_factory, finished_project) -> Path:
+    """A copy of the tiny project after `dvc repro` (conftest.finished_project: JPEG-stored records, a head that
+    learned), committed, its outputs pushed to a local remote."""
     folder = tmp_path_factory.mktemp("product")
-    # JPEG records: the hard case for predict, which must repeat the JPEG round trip the training images took.
-    project = make_project(folder / "p", tiny_archive, {**LEARN, "preprocess.encoding": "jpeg"})
+    project = copy_project(finished_project.project, folder / "p")
     run(["dvc", "remote", "add", "-d", "storage", str(folder / "remote")], project)
-    run(["dvc", "repro"], project)
     run(["git", "add", "-A"], project)
     run(["git", "commit", "-qm", "results"], project)
     run(["dvc", "push", "-q"], project)

@@ -7,30 +7,23 @@ import json
 import keras
 import numpy as np
 import pytest
-from helpers import make_project, md5_of, repickle, run
-from http_server import serve
+from helpers import LEARN, copy_project, md5_of, repickle, run
 
 from transfer.records import dataset, open_split
 
 STAGES = ("download", "split", "preprocess", "baseline", "pretrain", "finetune", "figures", "export")
-# At the tiny sizes' 2 epochs and 0.001 the head of the tiny archive's classifier stays near chance; these learn
-# it (test accuracy 0.8 for seeds 1, 2 and 42), so the test can tell a model that learned from one that did not.
-FINETUNE = {"finetune.epochs": 10, "finetune.learning_rate": 0.01}
-EPOCHS = {"pretrain": 2, "baseline": FINETUNE["finetune.epochs"], "finetune": FINETUNE["finetune.epochs"]}
+EPOCHS = {"pretrain": 2, "baseline": LEARN["finetune.epochs"], "finetune": LEARN["finetune.epochs"]}
 
 
 def ran(output: str) -> list[str]:
     return [stage for stage in STAGES if f"Running stage '{stage}'" in output]
 
 
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory, tiny_archive):
-    """A project that ran `dvc repro` once, downloading over HTTP from 127.0.0.1."""
-    with serve({"cifar-10-python.tar.gz": tiny_archive}) as server:
-        project = make_project(tmp_path_factory.mktemp("pipeline") / "p", tiny_archive,
-                               {"data.sources.0.url": f"{server.url}/cifar-10-python.tar.gz", **FINETUNE})
-        result = run(["dvc", "repro"], project)
-    return project, result
+@pytest.fixture
+def pipeline(finished_project, tmp_path):
+    """A copy of the project that ran `dvc repro` once from scratch, downloading over HTTP from 127.0.0.1
+    (conftest.finished_project), and that run's output."""
+    return copy_project(finished_project.project, tmp_path / "p"), finished_project.repro
 
 
 def test_repro_runs_every_stage_and_writes_metrics(pipeline):

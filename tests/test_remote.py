@@ -3,15 +3,14 @@ TFRecords (push: false), byte for byte, so nothing downstream reruns."""
 
 from __future__ import annotations
 
-from helpers import make_project, run
+from helpers import copy_project, run
 
 STAGES = ("download", "split", "preprocess", "pretrain", "finetune")
 
 
-def test_clone_pulls_results_and_rebuilds_only_tfrecords(tmp_path, tiny_archive):
-    first = make_project(tmp_path / "first", tiny_archive, {"pretrain.epochs": 1, "finetune.epochs": 1})
+def test_clone_pulls_results_and_rebuilds_only_tfrecords(tmp_path, finished_project):
+    first = copy_project(finished_project.project, tmp_path / "first")  # after `dvc repro`
     run(["dvc", "remote", "add", "-d", "shared", str(tmp_path / "remote")], first)
-    run(["dvc", "repro"], first)
     run(["git", "add", "-A"], first)
     run(["git", "commit", "-qm", "results"], first)
     run(["dvc", "push", "--run-cache"], first)
