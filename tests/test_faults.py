@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-from helpers import finish, make_project, run, set_params, sources, start, write_learnable_archive
+from helpers import copy_project, finish, make_project, run, set_params, sources, start, write_learnable_archive
 
 from benchmarks import kill_sweep
 from transfer.records import check_shards, open_split
@@ -96,17 +96,23 @@ def archive(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory, archive) -> Path:
+def preprocessed(tmp_path_factory, archive) -> Path:
     """TFRecords ready; finetune trains strategy 2 through the base, so it checkpoints every epoch."""
-    project = make_project(tmp_path_factory.mktemp("faults") / "p", archive, SETTINGS)
+    project = make_project(tmp_path_factory.mktemp("faults") / "preprocessed", archive, SETTINGS)
     run(["dvc", "repro", "preprocess"], project)
     return project
 
 
 @pytest.fixture(scope="module")
-def twin(tmp_path_factory, archive) -> Path:
+def project(preprocessed, tmp_path_factory) -> Path:
+    """The project the tests interrupt, one after the other."""
+    return copy_project(preprocessed, tmp_path_factory.mktemp("faults") / "p")
+
+
+@pytest.fixture(scope="module")
+def twin(preprocessed, tmp_path_factory) -> Path:
     """The same params and data, run without interruption."""
-    twin = make_project(tmp_path_factory.mktemp("twin") / "p", archive, SETTINGS)
+    twin = copy_project(preprocessed, tmp_path_factory.mktemp("twin") / "p")
     run(["dvc", "repro", "finetune"], twin)
     return twin
 
@@ -204,16 +210,20 @@ def assert_complete_records(project: Path) -> None:
     assert set(records.glob("*/*.tfrecord")) == listed  # no shard beyond those meta.json lists
 
 
-@pytest.fixture
-def slow_preprocess(tmp_path) -> Path:
-    """A project whose preprocess writes many shards for a few seconds (160 px JPEG, 2 workers)."""
-    archive = write_learnable_archive(tmp_path / "cifar-10-python.tar.gz", train_per_class=60, test_per_class=10)
-    project = make_project(tmp_path / "p", archive, {
+@pytest.fixture(scope="module")
+def split_for_slow_preprocess(tmp_path_factory, archive) -> Path:
+    """A split project whose preprocess writes many shards for a few seconds (160 px JPEG, 2 workers)."""
+    project = make_project(tmp_path_factory.mktemp("slow") / "p", archive, {
         "preprocess.image_size": 160, "preprocess.encoding": "jpeg", "preprocess.shard_size_mb": 0.2,
         "preprocess.workers": 2,
     })
     run(["dvc", "repro", "split"], project)
     return project
+
+
+@pytest.fixture
+def slow_preprocess(split_for_slow_preprocess, tmp_path) -> Path:
+    return copy_project(split_for_slow_preprocess, tmp_path / "p")
 
 
 def test_kill_during_preprocess_leaves_no_stale_shard(slow_preprocess):

@@ -10,7 +10,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pandas as pd
 import pytest
-from helpers import last_line, make_project, run, run_stage
+from helpers import copy_project, last_line, run, run_stage, set_params
 
 from tools.dvc import dvc
 from tools.label_efficiency import Point, collect, plot
@@ -18,9 +18,11 @@ from transfer.errors import PipelineError
 from transfer.paths import LABEL_EFFICIENCY_PLOT, LABEL_EFFICIENCY_TABLE, PREDICTIONS, metrics_file
 
 
-def test_subset_trains_on_few_labels_and_evaluates_on_everything(tmp_path, tiny_archive):
-    project = make_project(tmp_path / "p", tiny_archive, {"data.target_labels_per_class": 3}, git=False)
-    for stage in ("download", "split", "preprocess", "pretrain", "baseline", "finetune"):
+def test_subset_trains_on_few_labels_and_evaluates_on_everything(tmp_path, finished_project):
+    # The records and the pretrained model of a project that ran; the subset is drawn by baseline and finetune.
+    project = copy_project(finished_project.project, tmp_path / "p")
+    set_params(project / "params.yaml", {"data.target_labels_per_class": 3})
+    for stage in ("baseline", "finetune"):
         run_stage(stage, project, check=True)
     for name in ("finetune", "baseline"):
         metrics = json.loads((project / metrics_file(name)).read_text())
@@ -33,9 +35,11 @@ def sweep(project: Path, sweep_id: str, *arguments: str) -> subprocess.Completed
     return run([sys.executable, "-m", "tools.label_efficiency", "--sweep", sweep_id, *arguments], project, check=False)
 
 
-def test_sweep_keeps_exactly_its_experiments_and_refuses_a_failed_point(tmp_path, tiny_archive):
-    project = make_project(tmp_path / "p", tiny_archive, {"finetune.epochs": 1})
-    run(["dvc", "repro"], project)
+def test_sweep_keeps_exactly_its_experiments_and_refuses_a_failed_point(tmp_path, finished_project):
+    # A copy of a project that ran: every point takes the data stages and pretrain from the run-cache and trains
+    # its own baseline and finetune, at one epoch and params.yaml's learning rate.
+    project = copy_project(finished_project.project, tmp_path / "p")
+    set_params(project / "params.yaml", {"finetune.epochs": 1, "finetune.learning_rate": 0.001})
     run(["git", "add", "-A"], project)
     run(["git", "commit", "-qm", "baseline"], project)
     first = sweep(project, "a", "--run", "--labels", "2,null", "--strategies", "2", "--seeds", "7")

@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import pytest
 import yaml
-from helpers import make_project, run
+from helpers import FINISHED, copy_project, make_project, run, set_params
 
 DATA_OUTPUTS = ("data/cifar-10-python.tar.gz", "data/split", "data/tfrecords")
 MODELS = ("models/pretrained.keras", "models/finetuned.keras")
@@ -27,14 +27,17 @@ def without_timing(path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def twins(tmp_path_factory, tiny_archive):
-    projects = []
-    for name in ("first", "second"):
-        project = make_project(tmp_path_factory.mktemp(name) / "p", tiny_archive,
-                               {"finetune.cache_features": False})  # also covers the checkpointing path
-        run(["dvc", "repro"], project)
-        projects.append(project)
-    return projects
+def twins(tmp_path_factory, tiny_archive, finished_project):
+    """Two runs from scratch with the same params: conftest.finished_project's and one more (data.url aside: a
+    local path here, HTTP there). Both then train the baseline and finetune without the feature cache, which
+    also covers the checkpointing path: the first on its own records and pretrained model."""
+    without_cache = {"finetune.cache_features": False}
+    first = copy_project(finished_project.project, tmp_path_factory.mktemp("first") / "p")
+    set_params(first / "params.yaml", without_cache)
+    second = make_project(tmp_path_factory.mktemp("second") / "p", tiny_archive, {**FINISHED, **without_cache})
+    for project in (first, second):
+        run(["dvc", "repro", "finetune"], project)  # what the tests compare: figures and export add nothing
+    return first, second
 
 
 def test_data_outputs_have_identical_hashes(twins):
