@@ -7,12 +7,13 @@ import json
 import keras
 import numpy as np
 import pytest
-from helpers import LEARN, copy_project, md5_of, repickle, run
+from helpers import FINISHED, copy_project, md5_of, repickle, run
 
 from transfer.records import dataset, open_split
 
 STAGES = ("download", "split", "preprocess", "baseline", "pretrain", "finetune", "figures", "export")
-EPOCHS = {"pretrain": 2, "baseline": LEARN["finetune.epochs"], "finetune": LEARN["finetune.epochs"]}
+EPOCHS = {"pretrain": FINISHED["pretrain.epochs"], "baseline": FINISHED["finetune.epochs"],
+          "finetune": FINISHED["finetune.epochs"]}
 
 
 def ran(output: str) -> list[str]:
