@@ -28,7 +28,7 @@ def without_timing(path) -> dict:
 
 @pytest.fixture(scope="module")
 def twins(tmp_path_factory, tiny_archive, finished_project):
-    """Two runs from scratch with the same params: conftest.finished_project's and one more (data.url aside: a
+    """Two runs from scratch with the same params: conftest.finished_project's and one more (data.sources aside: a
     local path here, HTTP there). Both then train the baseline and finetune without the feature cache, which
     also covers the checkpointing path: the first on its own records and pretrained model."""
     without_cache = {"finetune.cache_features": False}
