@@ -338,16 +338,17 @@ def test_a_full_disk_while_saving_is_one_line_naming_the_folder_and_keeps_the_la
     assert resumed_epochs(stage) == 1
 
 
-def test_a_weights_file_counts_by_content_for_dvc_and_the_checkpoint(tmp_path, tiny_archive, monkeypatch):
+def test_a_weights_file_counts_by_content_for_dvc_and_the_checkpoint(tmp_path, finished_project, monkeypatch):
     """model.weights names a file under weights/, a dependency of pretrain: new content in the same file makes
     `dvc status` report pretrain changed (so `dvc repro` reruns it) and changes the checkpoint identity."""
     import keras
-    from helpers import make_project, run
+    from helpers import copy_project, run, set_params
 
     from transfer.models import build_base
 
-    project = make_project(tmp_path / "p", tiny_archive, {"model.weights": "weights/cnn.weights.h5",
-                                                          "pretrain.epochs": 1})
+    # A copy of a project that ran: its data stages stay up to date, pretrain reruns with the weights file.
+    project = copy_project(finished_project.project, tmp_path / "p")
+    set_params(project / "params.yaml", {"model.weights": "weights/cnn.weights.h5", "pretrain.epochs": 1})
     weights = project / "weights/cnn.weights.h5"
 
     def write_weights(seed: int) -> None:
