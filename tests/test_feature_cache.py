@@ -163,19 +163,17 @@ def test_the_cache_lives_where_dvc_never_tracks_it(tmp_path):
     assert ignored.returncode == 0 and ignored.stdout.strip() == shard
 
 
-def test_a_disk_too_small_for_the_cache_trains_through_the_base_end_to_end(tmp_path, tiny_archive):
+def test_a_disk_too_small_for_the_cache_trains_through_the_base_end_to_end(tmp_path, finished_project):
     """The finetune stage itself, with checkpoints/ (where the cache goes) on a 64 MiB tmpfs: less than
     DISK_MARGIN free, so the stage must say why, train through the base and still finish. Mounting needs root,
     which these machines and their CI have; elsewhere the test says so and the measurement tests above remain."""
     import json
     import subprocess
 
-    from helpers import make_project, run_stage
+    from helpers import copy_project, run_stage, set_params
 
-    project = make_project(tmp_path / "p", tiny_archive, {"strategy": 2, "pretrain.epochs": 1},
-                           git=False)
-    for stage in ("download", "split", "preprocess", "pretrain", "baseline"):  # finetune compares with baseline
-        run_stage(stage, project, check=True)
+    project = copy_project(finished_project.project, tmp_path / "p")
+    set_params(project / "params.yaml", {"strategy": 2, "finetune.epochs": 2})  # strategy 2 caches a prefix
     small_disk = project / "checkpoints"
     small_disk.mkdir(exist_ok=True)  # pretrain may have left its finished checkpoint: hidden under the mount
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(small_disk)],
