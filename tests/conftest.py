@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,13 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from helpers import FINISHED, make_project, run, write_learnable_archive  # noqa: E402
 from http_server import serve  # noqa: E402
+
+# A shell that starts the suite in the background without job control (`pytest &` in a script, nohup) makes it
+# ignore SIGINT, and ignored signals survive exec: the stages the tests start would then never see the Ctrl-C the
+# fault tests send them. A handler, unlike SIG_IGN, is reset to the default on exec, so every stage starts as
+# under a terminal.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 class Finished(NamedTuple):
