@@ -121,5 +121,5 @@ def test_capped_stage_writes_proportional_identical_files_twice(tmp_path, tiny_a
 def test_stage_refuses_unknown_class_and_leaves_no_output(tmp_path, tiny_archive):
     project = make_project(tmp_path / "p", tiny_archive, {"data.target_classes": ["dog", "unicorn"]}, git=False)
     result = run_stage("split", project)
-    assert result.returncode == 1 and "data.target_classes.1: got 'unicorn'" in last_line(result)
+    assert result.returncode == 1 and "data.target_classes[1]: got 'unicorn'" in last_line(result)
     assert not (project / "data/split").exists()
