@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
 import keras
@@ -32,8 +33,7 @@ def test_repro_runs_every_stage_and_writes_metrics(pipeline):
     assert ran(result.stdout) == list(STAGES)
     for name in ("pretrain", "baseline", "finetune"):
         metrics = json.loads((project / f"metrics/{name}.json").read_text())
-        for split in ("train", "val", "test"):
-            assert 0 <= metrics[split]["accuracy"] <= 1 and metrics[split]["loss"] > 0
+        assert_scores_are_the_kept_epochs(project, name, metrics)
         assert set(metrics["test"]["per_class"]) == (
             {"airplane", "automobile", "bird", "cat", "deer"} if name == "pretrain"
             else {"dog", "frog", "horse", "ship", "truck"})
@@ -49,6 +49,34 @@ def test_repro_runs_every_stage_and_writes_metrics(pipeline):
     assert finetune["gain_over_scratch"] == round(finetune["test"]["accuracy"] - baseline["test"]["accuracy"], 6)
     assert baseline["trainable_params"] == baseline["total_params"]
     assert (project / "models/finetuned.keras").is_file()
+
+
+def assert_scores_are_the_kept_epochs(project, name: str, metrics: dict) -> None:
+    """The stage's scores are its kept model's: validation as fit() measured it in the kept epoch (training.keep:
+    best, the highest val_accuracy, the later on ties), and every split as the saved model scores it now."""
+    rows = list(csv.DictReader((project / f"metrics/{name}_history.csv").open()))
+    val_accuracies = [float(row["val_accuracy"]) for row in rows]
+    kept = len(rows) - val_accuracies[::-1].index(max(val_accuracies))
+    assert metrics["keep"] == "best" and metrics["kept_epoch"] == kept, (name, metrics["kept_epoch"], rows)
+    assert metrics["val"]["accuracy"] == pytest.approx(val_accuracies[kept - 1], abs=1e-6), name
+    assert metrics["val"]["loss"] == pytest.approx(float(rows[kept - 1]["val_loss"]), rel=1e-4), name  # 6 digits
+    saved = {"pretrain": "models/pretrained.keras", "finetune": "models/finetuned.keras"}.get(name)
+    if saved is None:  # the baseline's model is not kept
+        return
+    model = keras.models.load_model(project / saved)
+    task = "source" if name == "pretrain" else "target"
+    for split in ("train", "val", "test"):
+        records = open_split(project / "data/tfrecords", task, split)
+        probabilities, labels = [], []
+        for images, batch_labels in dataset(records, 64):
+            probabilities.append(model(images, training=False).numpy().astype(np.float64))
+            labels.append(batch_labels.numpy())
+        probabilities, labels = np.concatenate(probabilities), np.concatenate(labels)
+        assert len(labels) == records.count
+        accuracy = np.mean(probabilities.argmax(axis=1) == labels)
+        loss = np.mean(-np.log(probabilities[np.arange(len(labels)), labels]))
+        assert metrics[split]["accuracy"] == pytest.approx(accuracy, abs=1e-6), (name, split)
+        assert metrics[split]["loss"] == pytest.approx(loss, abs=1e-5), (name, split)  # rounded to 6 decimals
 
 
 def test_finetune_metrics_are_its_saved_models_predictions(pipeline):
