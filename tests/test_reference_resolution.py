@@ -7,11 +7,16 @@ random base, so each stage runs InceptionV3 once over its images and trains a sm
 
 from __future__ import annotations
 
+import csv
 import json
 
+import keras
+import numpy as np
+import pytest
 from helpers import make_project, run
 
 from transfer.paths import CHECKPOINTS
+from transfer.records import dataset, open_split
 
 REFERENCE = {
     "model.backbone": "inception_v3",
@@ -41,6 +46,18 @@ def test_inception_at_299_px_caches_strategy_2s_six_maps_on_disk(tmp_path, tiny_
     for stage in ("pretrain", "baseline"):  # only the head trains: the pooled 2,048 features are cached
         assert metrics[stage]["feature_cache"]["storage"] == "disk" and metrics[stage]["trainable_params"] < 300_000
         assert metrics[stage]["feature_cache"]["mib"] < cache["mib"] / 10
-    for report in metrics.values():
-        assert 0 <= report["test"]["accuracy"] <= 1 and report["epochs"] == 1
+    for stage, report in metrics.items():  # scores of the trained model: validation as fit() measured it
+        assert report["epochs"] == 1 and report["kept_epoch"] == 1
+        history = list(csv.DictReader((project / f"metrics/{stage}_history.csv").open()))
+        assert len(history) == 1, stage
+        assert report["val"]["accuracy"] == pytest.approx(float(history[0]["val_accuracy"]), abs=1e-6), stage
+        assert report["val"]["loss"] == pytest.approx(float(history[0]["val_loss"]), rel=1e-4), stage
+    # finetune's test scores are its predictions file's, and the whole saved network at 299 px, run on the test
+    # records without the cache, predicts what the suffix trained on the six cached float16 maps predicted.
+    rows = [row.split(",") for row in (project / "metrics/finetune_predictions.csv").read_text().splitlines()[1:]]
+    assert finetune["test"]["accuracy"] == pytest.approx(np.mean([a == p for a, p in rows]), abs=1e-6)
+    split = open_split(project / "data/tfrecords", "target", "test")
+    model = keras.models.load_model(project / "models/finetuned.keras")
+    probabilities = np.concatenate([model(images, training=False).numpy() for images, _ in dataset(split, 8)])
+    assert [split.classes[i] for i in probabilities.argmax(axis=1)] == [p for _, p in rows]
     assert not (project / CHECKPOINTS).exists() or not any((project / CHECKPOINTS).rglob("*.bin"))
