@@ -64,33 +64,37 @@ def metrics(project, stage: str) -> dict:
     return json.loads((project / f"metrics/{stage}.json").read_text())
 
 
-def losses(project, stage: str) -> list[float]:
-    """The training loss of every epoch, from the stage's history CSV."""
+def history(project, stage: str) -> list[dict[str, float]]:
+    """Every epoch's row of the stage's history CSV."""
     rows = (project / f"metrics/{stage}_history.csv").read_text().splitlines()
     assert rows[0] == "epoch,loss,accuracy,val_loss,val_accuracy"
-    return [float(row.split(",")[1]) for row in rows[1:]]
+    return [dict(zip(rows[0].split(","), map(float, row.split(",")))) for row in rows[1:]]
 
 
 def assert_trains_like_the_single_device(project, single, stage: str) -> None:
-    """Distributed training lowers the loss and lands near the single-device run at the same global batch.
+    """Distributed training lowers the loss and matches the single-device run at the same global batch.
 
-    Both start from the same seeded weights and read the same global batches in the same order, so the
-    first epoch's loss agrees to about 1e-5 (pretrain; finetune starts from each run's own pretrained model).
-    Later epochs drift apart a little: the replicas' gradients are summed in another order, and RMSprop's
-    first steps amplify such differences. Measured on the tiny archive (lr 0.0005, 10 epochs): the loss curves
-    differ by 0.02 to 0.04 on average and test accuracy by at most 4 of 20 images. With gradients not summed
-    across the replicas (each replica applying only its own), the curves differ by 0.25 to 0.3 on average.
+    Both start from the same weights (the same seeded head, and for finetune the same pretrained model) and
+    read the same global batches in the same order, so the first epoch is the same run: its training loss (the
+    mean over its steps) was the same to the history's six digits in both stages; held to 1e-4 here. Its
+    val_loss, after the epoch's last step, differed by 6e-5 (pretrain) and 4e-3 (finetune) relative: the
+    replicas' gradients are summed in another order, and RMSprop's steps amplify such differences (a step is
+    about lr * sign(g) wherever g is tiny). Later epochs drift further apart (the loss curves by 0.02 to 0.04 on
+    average, the final test losses up to 0.09), so only the first epoch is held tight. Breaks measured: a global
+    batch of one replica's batch (pretrain's first-epoch loss 1.60031, not 1.62604); finetune's cached features
+    batched per replica (1.52865, not 1.53787, while the curves stayed within 0.067 on average and test
+    accuracy equal). With gradients not summed across the replicas (each replica applying only its own), the
+    curves differed by 0.25 to 0.3 on average.
     """
-    ours, theirs = losses(project, stage), losses(single, stage)
+    ours, theirs = history(project, stage), history(single, stage)
     assert len(ours) == len(theirs) == 10
-    assert ours[-1] < 0.6 * ours[0], f"{stage}: the loss did not fall: {ours}"
-    if stage == "pretrain":
-        assert ours[0] == pytest.approx(theirs[0], rel=2e-3), (ours, theirs)
-    deviation = sum(abs(a - b) for a, b in zip(ours, theirs)) / len(ours)
+    assert ours[-1]["loss"] < 0.6 * ours[0]["loss"], f"{stage}: the loss did not fall: {ours}"
+    assert ours[0]["loss"] == pytest.approx(theirs[0]["loss"], rel=1e-4), (stage, ours[0], theirs[0])
+    assert ours[0]["val_loss"] == pytest.approx(theirs[0]["val_loss"], rel=1e-2), (stage, ours[0], theirs[0])
+    deviation = sum(abs(a["loss"] - b["loss"]) for a, b in zip(ours, theirs)) / len(ours)
     assert deviation <= 0.08, f"{stage}: loss per epoch {ours}, on one device {theirs}"
-    for split in ("val", "test"):
-        accuracy, reference = metrics(project, stage)[split]["accuracy"], metrics(single, stage)[split]["accuracy"]
-        assert accuracy >= 0.6 and abs(accuracy - reference) <= 0.25, (stage, split, accuracy, reference)
+    for split in ("val", "test"):  # both learned the tiny archive's classes (chance: 0.2)
+        assert min(metrics(project, stage)[split]["accuracy"], metrics(single, stage)[split]["accuracy"]) >= 0.6
 
 
 def test_single_device_runs_without_a_strategy(single):
@@ -105,22 +109,46 @@ def test_mixed_precision_on_the_cpu_computes_in_bfloat16_and_predicts_in_float32
     import keras
     import numpy as np
 
+    from transfer.records import dataset, open_split
+
     project = copy_of(single, tmp_path / "mixed", "none")
     set_params(project / "params.yaml", {"training.mixed_precision": True, "pretrain.epochs": 1, "finetune.epochs": 1})
     for stage in ("pretrain", "finetune"):
         run_stage(stage, project, check=True)
-        report = metrics(project, stage)
-        assert report["runtime"]["mixed_precision"] is True
-        assert np.isfinite(report["test"]["loss"]) and 0 <= report["test"]["accuracy"] <= 1
+        assert metrics(project, stage)["runtime"]["mixed_precision"] is True
+    # bfloat16 trains as float32 does: pretrain's epoch, from the same seeded weights over the same batches as the
+    # single-device float32 run's first, reached its loss within bfloat16's rounding (2e-4 relative measured; with
+    # a learning rate 10 times larger under mixed precision, 4.78 instead of 1.63).
+    assert history(project, "pretrain")[0]["loss"] == pytest.approx(history(single, "pretrain")[0]["loss"], rel=2e-3)
     model = keras.models.load_model(project / "models/finetuned.keras")
     assert model.get_layer("head_dense").dtype_policy.name == "mixed_bfloat16"
     assert model.get_layer("predictions").dtype_policy.name == "float32"
     assert model.output.dtype == "float32"
+    # finetune's test scores are the saved model's, run on the test records without the feature cache (whose
+    # float16 storage moved the loss by 4e-5 relative), and its predictions file's. The same weights computed in
+    # float32 give other probabilities (1.7e-4 apart measured): the model does compute in bfloat16.
+    config = json.dumps(model.get_config()).replace('"mixed_bfloat16"', '"float32"')
+    float32 = keras.Model.from_config(json.loads(config))
+    float32.set_weights(model.get_weights())
+    split = open_split(project / "data/tfrecords", "target", "test")
+    ours, theirs, labels = [], [], []
+    for images, batch_labels in dataset(split, 64):
+        ours.append(model(images, training=False).numpy().astype(np.float64))
+        theirs.append(float32(images, training=False).numpy().astype(np.float64))
+        labels.append(batch_labels.numpy())
+    ours, theirs, labels = map(np.concatenate, (ours, theirs, labels))
+    report = metrics(project, "finetune")["test"]
+    assert report["loss"] == pytest.approx(np.mean(-np.log(ours[np.arange(len(labels)), labels])), rel=1e-3)
+    rows = [row.split(",") for row in (project / "metrics/finetune_predictions.csv").read_text().splitlines()[1:]]
+    assert len(rows) == len(labels) and report["accuracy"] == pytest.approx(np.mean([a == p for a, p in rows]))
+    assert 1e-5 < np.abs(ours - theirs).max() < 1e-2
 
 
 def test_mirrored_over_two_cpu_devices(single, tmp_path):
     project = copy_of(single, tmp_path / "mirrored", "mirrored", replicas=2)
     for stage in ("pretrain", "finetune"):  # finetune takes the cached-feature path (strategy 1)
+        if stage == "finetune":  # from the single run's pretrained model, so that both finetunes start alike
+            shutil.copy(single / "models/pretrained.keras", project / "models/pretrained.keras")
         result = run([sys.executable, "-c", TWO_CPU_DEVICES, stage], project)
         assert "training with mirrored over 2 replicas on 1 worker(s)" in result.stdout
         report = metrics(project, stage)
