@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING
 import keras
 
 from transfer.errors import PipelineError
+from transfer.images import Storage
 from transfer.outputs import atomic_output
-from transfer.records import Storage
 
 if TYPE_CHECKING:
     from transfer.runtime import Runtime
