@@ -31,6 +31,7 @@ from transfer.checkpoints import Checkpoints, Progress, best_weights
 from transfer.config import Optimisation, Params, Strategy, Training
 from transfer.evaluation import EVAL_BATCH, evaluate_splits
 from transfer.feature_cache import inference_batch, not_cached
+from transfer.keras_workarounds import let_keras_fit_across_replicas
 from transfer.models import (
     base_of,
     build_base,
@@ -45,7 +46,7 @@ from transfer.outputs import write_json
 from transfer.paths import PRETRAINED_MODEL, RECORDS, SPLITS, feature_cache_folder, history_file, metrics_file
 from transfer.records import Split, check_shards, dataset, epochs, labels_of, open_split
 from transfer.reports import write_history
-from transfer.runtime import Runtime, by_batch, global_batch, let_keras_fit_across_replicas
+from transfer.runtime import Runtime, by_batch, global_batch
 from transfer.strategies import freeze
 
 PRETRAINED = "pretrained"  # Run.init: start from the pretrain stage's model
