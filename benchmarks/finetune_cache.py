@@ -31,13 +31,13 @@ from pathlib import Path
 import tensorflow as tf
 
 from benchmarks.common import arguments, prepared, report
-from transfer import strategies
 from transfer.config import load_params
 from transfer.feature_cache import computing_in, inference_batch
 from transfer.models import frozen_prefix
 from transfer.records import dataset
 from transfer.runtime import set_up
-from transfer.training import PRETRAINED, Run, build_classifier, open_task, train_classifier
+from transfer.training import build_classifier, open_task, train_classifier
+from transfer.training_stage import run_for
 
 
 def main() -> None:
@@ -60,16 +60,13 @@ def main() -> None:
 
     splits = open_task("target")
     params = load_params()
-    chosen = params.chosen_strategy()
     results = {}
     for cache in (True, False):
         runtime = set_up(params.training, params.finetune.seed)
         if args.frozen_pass != "auto":
             runtime = dataclasses.replace(runtime, frozen_pass_bfloat16=args.frozen_pass == "bfloat16")
         # No checkpoints: the comparison is of training, not of saving models.
-        run = Run(stage="finetune", init=PRETRAINED, strategy=chosen,
-                  settings=strategies.settings(params.finetune, chosen), seed=params.finetune.seed,
-                  cache_features=cache, checkpoints=False)
+        run = dataclasses.replace(run_for("finetune", params), cache_features=cache, checkpoints=False)
         started = time.perf_counter()
         result = train_classifier(run, splits, params, runtime)
         results[cache] = (time.perf_counter() - started, result)

@@ -30,6 +30,7 @@ PositiveInt = Annotated[int, Field(ge=1)]
 # YAML 1.1 reads 1e-4 as a string, so floats accept numeric strings.
 PositiveFloat = Annotated[float, Field(gt=0, strict=False)]
 Toggle = Literal["auto", True, False]
+Keep = Literal["best", "last"]  # training.keep: which epoch a training stage saves and evaluates
 
 
 class Section(BaseModel):
@@ -96,7 +97,7 @@ class Training(Section):
     mixed_precision: Toggle
     jit_compile: Toggle
     distribute: Literal["auto", "none", "mirrored", "multi_worker"]
-    keep: Literal["best", "last"]
+    keep: Keep
 
 
 class Optimisation(Section):

@@ -36,6 +36,7 @@ import numpy as np
 import tensorflow as tf
 
 from transfer.evaluation import batches, inference_step
+from transfer.models import frozen_prefix
 from transfer.outputs import NO_ROOM, no_room
 from transfer.records import epoch_seed
 
@@ -123,6 +124,26 @@ class FeatureCache:
                 "images": sum(self.counts.values()), "mib": round(self.bytes / 2**20, 1),
                 "seconds": round(self.seconds, 1), "reason": None,
                 "peak_rss_growth_mib": None if self.peak_rss_growth is None else round(self.peak_rss_growth / 2**20, 1)}
+
+
+def plan(model: keras.Model, wanted: bool, images: int, folder: Path,
+         stage: str) -> tuple[tuple[keras.Model, keras.Model] | None, dict]:
+    """Whether `model` trains on cached features: ((frozen prefix, trainable suffix), None) if so, else (None,
+    the not-cached report saying why: not wanted, nothing frozen, or no room for `images` images under `folder`).
+
+    Deletes what a hard-killed run left in `folder` first (no `finally` runs after kill -9), so that it cannot
+    push this run onto the slow path.
+    """
+    shutil.rmtree(folder, ignore_errors=True)
+    if not wanted:
+        return None, not_cached("cache_features is off")
+    cut = frozen_prefix(model)
+    if cut is None:
+        return None, not_cached("the whole base trains: nothing is frozen to cache")
+    if reason := room_for(cut[0], images, folder):
+        print(f"{stage}: {reason}; training through the base instead (about 10x slower)")
+        return None, not_cached(reason)
+    return cut, None
 
 
 def not_cached(reason: str | None) -> dict:
