@@ -3,7 +3,8 @@
 A strategy (an entry of params.yaml's `strategies`) counts layers in `base.layers` of
 the backbone, as the Keras application lists them (input layer included), so the
 same number means the same cut on every machine; a count beyond the backbone's
-base is refused. Strategy 0 is the from-scratch baseline.
+base is refused. Strategy 0 is the from-scratch baseline. The counting itself (BASE_LAYERS,
+first_trainable_layer) is transfer/config.py's, which validates every strategy when it reads the params.
 """
 
 from __future__ import annotations
