@@ -31,6 +31,7 @@ from pathlib import Path
 import tensorflow as tf
 
 from benchmarks.common import arguments, prepared, report
+from benchmarks.memory import memory_status, reset_peak_rss
 from transfer.config import load_params
 from transfer.feature_cache import computing_in, inference_batch
 from transfer.models import frozen_prefix
@@ -97,24 +98,6 @@ def main() -> None:
             "rss_growth_per_image_kib": None if rss_growth is None else round(rss_growth / 1024 / images, 1),
             "plain_test_accuracy": plain_accuracy, "cached_test_accuracy": cached_accuracy,
             "accuracy_difference_points": round(100 * (cached_accuracy - plain_accuracy), 2)})
-
-
-def memory_status() -> dict[str, int]:
-    """VmRSS (resident now) and VmHWM (peak resident) of this process in bytes; empty off Linux."""
-    try:
-        lines = Path("/proc/self/status").read_text().splitlines()
-    except OSError:
-        return {}
-    return {line.split(":")[0]: int(line.split()[1]) * 1024 for line in lines if line.startswith(("VmRSS", "VmHWM"))}
-
-
-def reset_peak_rss() -> int | None:
-    """Make the peak resident memory start again from now (Linux's clear_refs); the resident bytes now."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return None
-    return memory_status().get("VmRSS")
 
 
 def one_pass(prefix, splits: dict, batch_size: int) -> float:
