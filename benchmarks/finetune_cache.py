@@ -31,7 +31,7 @@ from pathlib import Path
 import tensorflow as tf
 
 from benchmarks.common import arguments, prepared, report
-from benchmarks.memory import memory_status, reset_peak_rss
+from benchmarks.memory import peak_rss_growth
 from transfer.config import load_params
 from transfer.feature_cache import computing_in, inference_batch
 from transfer.models import frozen_prefix
@@ -68,14 +68,12 @@ def main() -> None:
             runtime = dataclasses.replace(runtime, frozen_pass_bfloat16=args.frozen_pass == "bfloat16")
         # No checkpoints: the comparison is of training, not of saving models.
         run = dataclasses.replace(run_for("finetune", params), cache_features=cache, checkpoints=False)
-        started, resident = time.perf_counter(), reset_peak_rss() if cache else None
-        result = train_classifier(run, splits, params, runtime)
+        started = time.perf_counter()
+        result, growth = peak_rss_growth(lambda: train_classifier(run, splits, params, runtime))  # noqa: B023
         results[cache] = (time.perf_counter() - started, result)
-        if cache:
-            peak = memory_status().get("VmHWM")
-            rss_growth = None if resident is None or peak is None else peak - resident
         if cache:  # right after the cached run, so that both sides of limit_ratio share the machine's load
             assert result.feature_cache["storage"] == "disk", result.feature_cache
+            rss_growth = growth
             started = time.perf_counter()
             prefix = frozen_prefix(build_classifier(run, params, len(splits["train"].classes), args.image_size))[0]
             build_seconds = time.perf_counter() - started

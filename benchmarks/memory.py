@@ -1,13 +1,15 @@
 """Peak resident memory of this process (Linux): benchmark instrumentation, kept out of the pipeline's code.
 
-    resident = reset_peak_rss()
-    ...                                   # the work to measure
-    growth = memory_status()["VmHWM"] - resident
+    result, growth = peak_rss_growth(lambda: feature_cache.build(...))   # growth in bytes, None off Linux
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 def memory_status() -> dict[str, int]:
@@ -26,3 +28,11 @@ def reset_peak_rss() -> int | None:
     except OSError:
         return None
     return memory_status().get("VmRSS")
+
+
+def peak_rss_growth(work: Callable[[], T]) -> tuple[T, int | None]:
+    """work()'s result, and the bytes this process's peak resident memory grew by while it ran (None off Linux)."""
+    resident = reset_peak_rss()
+    result = work()
+    peak = memory_status().get("VmHWM")
+    return result, None if resident is None or peak is None else peak - resident
