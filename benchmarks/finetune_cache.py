@@ -12,10 +12,10 @@ What each timing covers (all in this one process, after pretrain ran in its own)
   read from the TFRecords as the cache pass reads them, output discarded (tracing included, as in the
   cache pass). limit_ratio = cached_seconds / inference_seconds; limit_ratio_without_build subtracts
   build_seconds from the cached run.
-The cached run goes first, so that rss_growth_per_image_kib (the peak resident memory growth during the
-cache pass, per cached image) is not hidden by memory an earlier run left to TensorFlow's allocator; the
-inference pass comes right after it, so that both sides of limit_ratio share the machine's load; then the
-plain run.
+The cached run goes first, so that rss_growth_per_image_kib (the peak resident memory growth during the cached
+run, the cache pass and the epochs on its features, per cached image; Linux only) is not hidden by memory an
+earlier run left to TensorFlow's allocator; the inference pass comes right after it, so that both sides of
+limit_ratio share the machine's load; then the plain run.
 
 --fraction takes that share of every class of the CIFAR-10 archive, so train,
 val and test keep the pipeline's proportions (0.2: 4,500 target training
@@ -31,13 +31,14 @@ from pathlib import Path
 import tensorflow as tf
 
 from benchmarks.common import arguments, prepared, report
-from transfer import strategies
+from benchmarks.memory import peak_rss_growth
 from transfer.config import load_params
 from transfer.feature_cache import computing_in, inference_batch
 from transfer.models import frozen_prefix
 from transfer.records import dataset
 from transfer.runtime import set_up
-from transfer.training import PRETRAINED, Run, build_classifier, open_task, train_classifier
+from transfer.training import build_classifier, open_task, train_classifier
+from transfer.training_stage import run_for
 
 
 def main() -> None:
@@ -60,21 +61,19 @@ def main() -> None:
 
     splits = open_task("target")
     params = load_params()
-    chosen = params.chosen_strategy()
     results = {}
     for cache in (True, False):
         runtime = set_up(params.training, params.finetune.seed)
         if args.frozen_pass != "auto":
             runtime = dataclasses.replace(runtime, frozen_pass_bfloat16=args.frozen_pass == "bfloat16")
         # No checkpoints: the comparison is of training, not of saving models.
-        run = Run(stage="finetune", init=PRETRAINED, strategy=chosen,
-                  settings=strategies.settings(params.finetune, chosen), seed=params.finetune.seed,
-                  cache_features=cache, checkpoints=False)
+        run = dataclasses.replace(run_for("finetune", params), cache_features=cache, checkpoints=False)
         started = time.perf_counter()
-        result = train_classifier(run, splits, params, runtime)
+        result, growth = peak_rss_growth(lambda: train_classifier(run, splits, params, runtime))  # noqa: B023
         results[cache] = (time.perf_counter() - started, result)
         if cache:  # right after the cached run, so that both sides of limit_ratio share the machine's load
             assert result.feature_cache["storage"] == "disk", result.feature_cache
+            rss_growth = growth
             started = time.perf_counter()
             prefix = frozen_prefix(build_classifier(run, params, len(splits["train"].classes), args.image_size))[0]
             build_seconds = time.perf_counter() - started
@@ -94,7 +93,7 @@ def main() -> None:
             "speedup": round(plain_seconds / cached_seconds, 2),
             "limit_ratio": round(cached_seconds / inference_seconds, 3),
             "limit_ratio_without_build": round((cached_seconds - build_seconds) / inference_seconds, 3),
-            "rss_growth_per_image_kib": round(cached.feature_cache["peak_rss_growth_mib"] * 1024 / images, 1),
+            "rss_growth_per_image_kib": None if rss_growth is None else round(rss_growth / 1024 / images, 1),
             "plain_test_accuracy": plain_accuracy, "cached_test_accuracy": cached_accuracy,
             "accuracy_difference_points": round(100 * (cached_accuracy - plain_accuracy), 2)})
 

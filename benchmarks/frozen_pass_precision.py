@@ -21,12 +21,12 @@ import keras
 import numpy as np
 
 from benchmarks.common import arguments, prepared, report
-from transfer import strategies
 from transfer.config import load_params
 from transfer.models import build_base, classifier
 from transfer.paths import PRETRAINED_MODEL
 from transfer.runtime import cpu_flags, set_up
-from transfer.training import PRETRAINED, Run, open_task, train_classifier
+from transfer.training import open_task, train_classifier
+from transfer.training_stage import run_for
 
 
 def main() -> None:
@@ -50,13 +50,10 @@ def main() -> None:
         model.save(PRETRAINED_MODEL)
     splits = open_task("target")
     params = load_params()
-    chosen = params.chosen_strategy()
     results = {}
     for bfloat16 in (False, True):
         runtime = dataclasses.replace(set_up(params.training, params.finetune.seed), frozen_pass_bfloat16=bfloat16)
-        run = Run(stage="finetune", init=PRETRAINED, strategy=chosen,
-                  settings=strategies.settings(params.finetune, chosen), seed=params.finetune.seed,
-                  cache_features=True, checkpoints=False)
+        run = dataclasses.replace(run_for("finetune", params), cache_features=True, checkpoints=False)
         results[bfloat16] = train_classifier(run, splits, params, runtime)
     single, half = results[False], results[True]
     assert half.feature_cache["computed_in"] == "bfloat16", half.feature_cache

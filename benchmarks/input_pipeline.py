@@ -15,11 +15,11 @@ import tensorflow as tf
 
 from benchmarks.common import arguments, report, run_stages, workspace
 from transfer.config import load_params
+from transfer.fitting import compile_model
 from transfer.models import build_base, classifier
 from transfer.paths import RECORDS
 from transfer.records import dataset, open_split
 from transfer.runtime import set_up
-from transfer.training import compile_model
 
 
 def images_per_second(model: keras.Model, data: tf.data.Dataset, images: int, epochs: int) -> float:

@@ -12,8 +12,7 @@ from pathlib import Path
 from benchmarks.common import arguments, report, run_stages, workspace
 from transfer.config import load_params
 from transfer.paths import SPLIT
-from transfer.records import cpu_count
-from transfer.sharding import plan_shards, write_all
+from transfer.sharding import cpu_count, plan_shards, write_all
 
 
 def main() -> None:

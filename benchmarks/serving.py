@@ -3,7 +3,7 @@
     python -m benchmarks.serving [--backbone inception_v3 --image-size 75 --batch 256 --calls 100 --repeats 5]
 
 Both sides get the same prepared float images (the target test images of the CIFAR-10 archive, given as PNG
-files and prepared by records.prepare as `cifar10-transfer predict` does): Keras through
+files and prepared by images.prepare as `cifar10-transfer predict` does): Keras through
 `model.predict(images, batch_size=...)`, the export through its `pixels` signature, so both time the network
 alone. The export's `serving_default`, which decodes and prepares the PNG bytes itself, and a plain eager call
 of the Keras model (`model(images)`, without predict()'s per-call set-up) are timed as well, for information.
@@ -24,8 +24,8 @@ import tensorflow as tf
 from benchmarks.common import ROOT, arguments, report
 from transfer.cifar10 import read_archive
 from transfer.config import load_params
+from transfer.images import Storage, prepare
 from transfer.models import Description, build_base, classifier
-from transfer.records import Storage, prepare
 from transfer.serving import PIXELS_SIGNATURE, SAVED_MODEL, SERVING_SIGNATURE, export
 
 

@@ -13,43 +13,32 @@ from __future__ import annotations
 
 import time
 
-from transfer import checkpoints, strategies
 from transfer.config import load_params
 from transfer.errors import run_stage
 from transfer.models import Description, save_model
-from transfer.outputs import write_json
-from transfer.paths import FINETUNED_MODEL, PREDICTIONS, history_file, metrics_file
-from transfer.reports import metrics_report, read_metrics, write_history, write_predictions
+from transfer.paths import FINETUNED_MODEL, PREDICTIONS, metrics_file
+from transfer.reports import read_metrics, write_predictions
 from transfer.runtime import set_up
-from transfer.training import PRETRAINED, Run, open_task, train_classifier
-
-STAGE = "finetune"
+from transfer.training import open_task, train_classifier
+from transfer.training_stage import finish, run_for
 
 
 def main() -> None:
     started = time.perf_counter()
     params = load_params()
-    strategy = params.chosen_strategy()
-    runtime = set_up(params.training, params.finetune.seed)  # first: a multi-worker distribution must exist
+    run = run_for("finetune", params)
+    runtime = set_up(params.training, run.seed)  # first: a multi-worker distribution must exist
     splits = open_task("target")  # every shard read once: a damaged one is named before anything else
     baseline = read_metrics(metrics_file("baseline"), made_by="baseline")
-    run = Run(stage=STAGE, init=PRETRAINED if strategy.base_weights == "pretrained" else "none",
-              strategy=strategy, settings=strategies.settings(params.finetune, strategy), seed=params.finetune.seed,
-              labels_per_class=params.data.target_labels_per_class, cache_features=params.finetune.cache_features)
     result = train_classifier(run, splits, params, runtime)
     # The model carries its class names and how its images were stored: predict and export read them there.
     save_model(result.model, FINETUNED_MODEL, runtime, Description(result.classes, splits["test"].storage))
-    if not runtime.chief:
-        print(f"{STAGE}: training done; the chief writes the outputs")
-        return
-    write_history(history_file(STAGE), result.progress.history)
-    write_predictions(PREDICTIONS, result.test_labels, result.test_predicted, result.classes)
-    report = metrics_report(result, params.strategy, runtime, time.perf_counter() - started, baseline)
-    write_json(metrics_file(STAGE), report)
-    checkpoints.finish(STAGE)
-    print(f"{STAGE}: strategy {params.strategy}, {result.trainable_params:,} trainable parameters, target test "
-          f"accuracy {report['test']['accuracy']:.4f} ({report['gain_over_scratch']:+.4f} over scratch) "
-          f"-> {FINETUNED_MODEL}")
+    if runtime.chief:
+        write_predictions(PREDICTIONS, result.test_labels, result.test_predicted, result.classes)
+    if report := finish(run, result, runtime, started, params.strategy, baseline):
+        print(f"finetune: strategy {params.strategy}, {result.trainable_params:,} trainable parameters, target "
+              f"test accuracy {report['test']['accuracy']:.4f} ({report['gain_over_scratch']:+.4f} over scratch) "
+              f"-> {FINETUNED_MODEL}")
 
 
 if __name__ == "__main__":

@@ -6,14 +6,12 @@ the output does not depend on their number.
 
 from __future__ import annotations
 
-import json
-
 from transfer.config import load_params
 from transfer.errors import run_stage
 from transfer.outputs import atomic_output
 from transfer.paths import RECORDS, SPLIT, TASKS
-from transfer.records import META_FILE, cpu_count
-from transfer.sharding import plan_shards, write_all
+from transfer.records import META_FILE
+from transfer.sharding import cpu_count, plan_shards, write_all
 
 
 def main() -> None:
@@ -26,7 +24,7 @@ def main() -> None:
         for task in TASKS:
             (folder / task).mkdir(parents=True)
         write_all(jobs, workers)
-        (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        (folder / META_FILE).write_text(meta.text())
     print(f"preprocess: {len(jobs)} shards at {settings.image_size}px ({settings.encoding}) "
           f"with {workers} workers in {RECORDS}")
 

@@ -106,8 +106,8 @@ def test_a_resumed_fit_keeps_the_best_epoch_of_an_uninterrupted_one(tmp_path):
 
     from transfer.checkpoints import Checkpoints, Progress, resume
     from transfer.config import Training
+    from transfer.fitting import compile_model, fit
     from transfer.runtime import set_up
-    from transfer.training import compile_model, fit
 
     training = Training(shuffle_buffer=64, steps_per_execution=1, deterministic=True, mixed_precision=False,
                         jit_compile=False, distribute="none", keep="best")

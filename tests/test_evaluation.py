@@ -12,9 +12,10 @@ import tensorflow as tf
 
 from transfer.checkpoints import Progress
 from transfer.evaluation import evaluate_splits, per_class, scores
-from transfer.reports import metrics_report, write_history, write_predictions
+from transfer.reports import write_history, write_predictions
 from transfer.runtime import Runtime
 from transfer.training import Result
+from transfer.training_stage import metrics_report
 
 NAMES = ("a", "b", "c", "d", "e")
 # (actual, predicted): a is right 2 of 3 times and predicted 3 times; b right 1 of 3, predicted twice; c right

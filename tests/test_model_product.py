@@ -17,8 +17,9 @@ import yaml
 from helpers import ROOT, copy_project, run
 
 from transfer.cli import main
+from transfer.images import Storage, prepare
 from transfer.models import read_description
-from transfer.records import Storage, dataset, open_split, prepare
+from transfer.records import dataset, open_split
 from transfer.strategies import describe
 
 MODEL = "cifar10-target-classifier"

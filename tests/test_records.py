@@ -11,15 +11,8 @@ import tensorflow as tf
 from helpers import last_line, make_project, run_stage
 
 from transfer.errors import PipelineError
-from transfer.records import (
-    MIN_IMAGES_PER_SHARD,
-    check_shards,
-    dataset,
-    epochs,
-    labels_of,
-    open_split,
-    shard_count,
-)
+from transfer.records import check_shards, dataset, epochs, labels_of, open_split
+from transfer.sharding import MIN_IMAGES_PER_SHARD, shard_count
 from transfer.training import labelled_subset
 
 

@@ -17,7 +17,8 @@ import tensorflow as tf
 from helpers import make_project, run_stage, set_params
 from PIL import Image  # Pillow comes with matplotlib, a dependency of the project
 
-from transfer.records import Storage, dataset, open_split, prepare
+from transfer.images import Storage, prepare
+from transfer.records import dataset, open_split
 
 # Pillow resizes in two passes (rows, then columns) and rounds to 8 bits between them; TensorFlow interpolates in
 # float32 and rounds once. Both are bilinear with pixel centres at +0.5 and edge pixels repeated, so they can
@@ -60,7 +61,7 @@ def preprocessed(split_project, tmp_path_factory) -> Callable[[int, str], tuple[
 
 
 def pillow_bilinear(image: np.ndarray, size: int) -> np.ndarray:
-    """Pillow's bilinear resize. Its antialiasing (always on) and TensorFlow's (off in records.resize_tensor)
+    """Pillow's bilinear resize. Its antialiasing (always on) and TensorFlow's (off in images.resize_tensor)
     only widen the filter when shrinking; 32 px to 75 or 299 grows the image, so neither applies."""
     return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR))
 

@@ -7,15 +7,13 @@ the pipeline uses is always written in params.yaml and declared in dvc.yaml.
 from __future__ import annotations
 
 from pathlib import Path
-from types import UnionType
-from typing import Annotated, Literal, Union, get_args, get_origin
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from transfer.errors import PipelineError
+from transfer.errors import PipelineError, describe_validation
 from transfer.paths import WEIGHTS
-from transfer.strategies import BASE_LAYERS, first_trainable_layer
 
 PARAMS_FILE = Path("params.yaml")
 CIFAR10_CLASSES = (
@@ -23,12 +21,16 @@ CIFAR10_CLASSES = (
     "dog", "frog", "horse", "ship", "truck",
 )
 INCEPTION_MIN_SIZE = 75
+# len(base.layers) of each backbone, input layer included, whatever the image size: what a freezing rule counts.
+# tests/test_models.py builds every backbone and checks this table.
+BASE_LAYERS = {"inception_v3": 311, "small_cnn": 7}
 
 ClassName = Literal[CIFAR10_CLASSES]  # type: ignore[valid-type]
 PositiveInt = Annotated[int, Field(ge=1)]
 # YAML 1.1 reads 1e-4 as a string, so floats accept numeric strings.
 PositiveFloat = Annotated[float, Field(gt=0, strict=False)]
 Toggle = Literal["auto", True, False]
+Keep = Literal["best", "last"]  # training.keep: which epoch a training stage saves and evaluates
 
 
 class Section(BaseModel):
@@ -95,7 +97,7 @@ class Training(Section):
     mixed_precision: Toggle
     jit_compile: Toggle
     distribute: Literal["auto", "none", "mirrored", "multi_worker"]
-    keep: Literal["best", "last"]
+    keep: Keep
 
 
 class Optimisation(Section):
@@ -122,6 +124,25 @@ class FreezingRule(Section):
         if sum(given) != 1:
             raise ValueError("give exactly one of trainable_base_layers, frozen_base_layers")
         return self
+
+
+def first_trainable_layer(strategy: FreezingRule, backbone: str) -> int:
+    """Index of the first base layer that trains; the base's layer count when only the head trains.
+
+    A count beyond the base is a ValueError starting with the key, rather than
+    silently training (or freezing) the whole base.
+    """
+    base_layers = BASE_LAYERS[backbone]
+    if strategy.trainable_base_layers == "all":
+        return 0
+    if strategy.frozen_base_layers is not None:
+        key, count = "frozen_base_layers", strategy.frozen_base_layers
+        fix = f"at most {base_layers} ({base_layers} freezes the whole base: only the head trains)"
+    else:
+        key, count, fix = "trainable_base_layers", strategy.trainable_base_layers, f'"all" or at most {base_layers}'
+    if count > base_layers:
+        raise ValueError(f"{key}: {count} is more than {backbone}'s {base_layers} base layers; use {fix}")
+    return count if key == "frozen_base_layers" else base_layers - count
 
 
 class Pretrain(Optimisation, FreezingRule):
@@ -210,53 +231,5 @@ def write_overrides(path: Path, overrides: dict[str, object]) -> None:
 
 
 def describe(error: ValidationError) -> str:
-    """The first problem pydantic found, as 'key.path: what is wrong'."""
-    first = error.errors()[0]
-    location, section = _walk([part for part in first["loc"] if not _is_type_tag(part)])
-    message = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
-        message = f"unknown key (allowed: {', '.join(section.model_fields)})"
-    elif first["type"] == "missing":
-        message = "missing"
-    elif first["type"] == "literal_error":
-        message = f"got {first['input']!r}; {message[0].lower()}{message[1:]}"
-    elif "input" in first and first["type"] not in ("value_error", "assertion_error"):
-        message = f"got {first['input']!r}: {message}"
-    if error.error_count() > 1:
-        message += f" (and {error.error_count() - 1} more problem(s))"
-    return f"{location}: {message}" if location else message
-
-
-def _is_type_tag(part: object) -> bool:
-    # pydantic names union branches ("int", "literal['all']", "constrained-int") in locations.
-    return isinstance(part, str) and (
-        part in ("int", "str", "float", "bool", "none") or "[" in part or "-" in part
-    )
-
-
-def _walk(location: list) -> tuple[str, type[BaseModel]]:
-    """The location as params.yaml's comments and errors write it ("data.sources[0].url", "strategies.2.epochs":
-    list items in brackets, mapping keys dotted), and the section that holds its last key."""
-    text, annotation, section = "", Params, Params
-    for part in location:
-        inner = _plain(annotation)
-        if get_origin(inner) is list:
-            text, annotation = f"{text}[{part}]", get_args(inner)[0]
-            continue
-        if isinstance(inner, type) and issubclass(inner, BaseModel):
-            section = inner
-            annotation = inner.model_fields[part].annotation if part in inner.model_fields else None
-        else:  # a mapping's key (strategies), or a value with nothing inside
-            annotation = get_args(inner)[1] if get_origin(inner) is dict else None
-        text = f"{text}.{part}" if text else str(part)
-    return text, section
-
-
-def _plain(annotation: object) -> object:
-    """The type inside Annotated[...] and `X | None`, where a location can go on."""
-    while get_origin(annotation) is Annotated:
-        annotation = get_args(annotation)[0]
-    if get_origin(annotation) in (Union, UnionType):
-        inner = [_plain(arg) for arg in get_args(annotation) if arg is not type(None)]
-        return inner[0] if len(inner) == 1 else annotation
-    return annotation
+    """The first problem pydantic found, as 'key.path: what is wrong', keys as params.yaml writes them."""
+    return describe_validation(error, Params)

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from types import UnionType
+from typing import Annotated, Union, get_args, get_origin
+
+from pydantic import BaseModel, ValidationError
 
 
 class PipelineError(Exception):
@@ -20,3 +24,56 @@ def run_stage(main: Callable[[], None]) -> None:
     except KeyboardInterrupt:
         print("error: interrupted; nothing was recorded as done, rerun `dvc repro`", file=sys.stderr)
         raise SystemExit(130) from None
+
+
+def describe_validation(error: ValidationError, root: type[BaseModel]) -> str:
+    """The first problem pydantic found in a `root`, as 'key.path: what is wrong'."""
+    first = error.errors()[0]
+    location, section = _walk([part for part in first["loc"] if not _is_type_tag(part)], root)
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        message = f"unknown key (allowed: {', '.join(section.model_fields)})"
+    elif first["type"] == "missing":
+        message = "missing"
+    elif first["type"] == "literal_error":
+        message = f"got {first['input']!r}; {message[0].lower()}{message[1:]}"
+    elif "input" in first and first["type"] not in ("value_error", "assertion_error"):
+        message = f"got {first['input']!r}: {message}"
+    if error.error_count() > 1:
+        message += f" (and {error.error_count() - 1} more problem(s))"
+    return f"{location}: {message}" if location else message
+
+
+def _is_type_tag(part: object) -> bool:
+    # pydantic names union branches ("int", "literal['all']", "constrained-int") in locations.
+    return isinstance(part, str) and (
+        part in ("int", "str", "float", "bool", "none") or "[" in part or "-" in part
+    )
+
+
+def _walk(location: list, root: type[BaseModel]) -> tuple[str, type[BaseModel]]:
+    """The location as params.yaml's comments and errors write it ("data.sources[0].url", "strategies.2.epochs":
+    list items in brackets, mapping keys dotted), and the section that holds its last key."""
+    text, annotation, section = "", root, root
+    for part in location:
+        inner = _plain(annotation)
+        if get_origin(inner) is list:
+            text, annotation = f"{text}[{part}]", get_args(inner)[0]
+            continue
+        if isinstance(inner, type) and issubclass(inner, BaseModel):
+            section = inner
+            annotation = inner.model_fields[part].annotation if part in inner.model_fields else None
+        else:  # a mapping's key (strategies), or a value with nothing inside
+            annotation = get_args(inner)[1] if get_origin(inner) is dict else None
+        text = f"{text}.{part}" if text else str(part)
+    return text, section
+
+
+def _plain(annotation: object) -> object:
+    """The type inside Annotated[...] and `X | None`, where a location can go on."""
+    while get_origin(annotation) is Annotated:
+        annotation = get_args(annotation)[0]
+    if get_origin(annotation) in (Union, UnionType):
+        inner = [_plain(arg) for arg in get_args(annotation) if arg is not type(None)]
+        return inner[0] if len(inner) == 1 else annotation
+    return annotation

@@ -1,5 +1,10 @@
 """The frozen prefix's output, computed once and streamed from disk while the trainable rest trains.
 
+Why: the keras.io transfer-learning guide (https://keras.io/guides/transfer_learning/, "The typical
+transfer-learning workflow") notes that recording the frozen base's output once means "you only run the base
+model once on your data, rather than once per epoch of training", which is "a lot faster & cheaper". Here the
+trainable rest is the same model as training through the whole network (transfer/models.py's frozen_prefix).
+
 At 299 px the prefix's output is large (strategy 2 of InceptionV3: six 8x8 maps, 2,048 channels,
 256 KiB per image in float16; 7.3 GiB for the 30,000 target images), so it lives in files, not
 in memory:
@@ -36,22 +41,18 @@ import numpy as np
 import tensorflow as tf
 
 from transfer.evaluation import batches, inference_step
+from transfer.feature_shards import LABEL_DTYPE, OutOfRange, ShardWriter, records
+from transfer.models import frozen_prefix
 from transfer.outputs import NO_ROOM, no_room
 from transfer.records import epoch_seed
 
 STORAGE_DTYPE = np.dtype("<f2")  # float16, little-endian as tf.io.decode_raw reads it
 FALLBACK_DTYPE = np.dtype("<f4")  # when a feature exceeds float16's range (65,504)
-UNDERFLOW_SHARE = 0.01  # ... or more of them than this would round to 0 (below about 6e-8)
-LABEL_DTYPE = np.dtype("<i4")
 SHARD_BYTES = 32 << 20  # one shard file: small enough that shuffling the shard order mixes the data
 SHUFFLE_BYTES = 256 << 20  # at most this many bytes of stored records wait in the training shuffle buffer
 DISK_MARGIN = 1 << 30  # left free on the disk after the cache is written
 BATCH_PIXELS = 128 * 75 * 75  # images per inference batch x their area: 128 at 75 px, 8 at 299 px
 CYCLE = 4  # shards read at once by a training epoch
-
-
-class _OutOfRange(Exception):
-    """A feature does not fit the storage dtype."""
 
 
 class NoRoom(Exception):
@@ -69,7 +70,6 @@ class FeatureCache:
     counts: dict[str, int]
     seconds: float  # the inference pass and the writing
     computed_in: str  # the dtype the prefix computed in
-    peak_rss_growth: int | None  # bytes the process's peak resident memory grew by while caching (Linux only)
 
     @property
     def record_bytes(self) -> int:
@@ -121,14 +121,33 @@ class FeatureCache:
         """How the features were cached, for the stage's metrics JSON."""
         return {"storage": "disk", "dtype": self.dtype.newbyteorder("=").name, "computed_in": self.computed_in,
                 "images": sum(self.counts.values()), "mib": round(self.bytes / 2**20, 1),
-                "seconds": round(self.seconds, 1), "reason": None,
-                "peak_rss_growth_mib": None if self.peak_rss_growth is None else round(self.peak_rss_growth / 2**20, 1)}
+                "seconds": round(self.seconds, 1), "reason": None}
+
+
+def plan(model: keras.Model, wanted: bool, images: int, folder: Path,
+         stage: str) -> tuple[tuple[keras.Model, keras.Model] | None, dict]:
+    """Whether `model` trains on cached features: ((frozen prefix, trainable suffix), None) if so, else (None,
+    the not-cached report saying why: not wanted, nothing frozen, or no room for `images` images under `folder`).
+
+    Deletes what a hard-killed run left in `folder` first (no `finally` runs after kill -9), so that it cannot
+    push this run onto the slow path.
+    """
+    shutil.rmtree(folder, ignore_errors=True)
+    if not wanted:
+        return None, not_cached("cache_features is off")
+    cut = frozen_prefix(model)
+    if cut is None:
+        return None, not_cached("the whole base trains: nothing is frozen to cache")
+    if reason := room_for(cut[0], images, folder):
+        print(f"{stage}: {reason}; training through the base instead (about 10x slower)")
+        return None, not_cached(reason)
+    return cut, None
 
 
 def not_cached(reason: str | None) -> dict:
     """What the metrics JSON says when the stage trained through the base: the same keys as describe()."""
     return {"storage": "none", "dtype": None, "computed_in": None, "images": 0, "mib": 0.0, "seconds": 0.0,
-            "reason": reason, "peak_rss_growth_mib": None}
+            "reason": reason}
 
 
 def inference_batch(image_size: int) -> int:
@@ -173,7 +192,7 @@ def build(prefix: keras.Model, datasets: dict[str, tf.data.Dataset], counts: dic
 
     try:
         return write_if_room(STORAGE_DTYPE)
-    except _OutOfRange as overflow:
+    except OutOfRange as overflow:
         print(f"feature cache: {overflow}; storing float32 instead")
         return write_if_room(FALLBACK_DTYPE)
 
@@ -191,7 +210,7 @@ def computing_in(model: keras.Model, policy: str) -> keras.Model:
 def write(prefix: keras.Model, datasets: dict[str, tf.data.Dataset], counts: dict[str, int], folder: Path,
           dtype: np.dtype, computed_in: str = "float32") -> FeatureCache:
     """The prefix's output over every dataset, written to shards in `folder` (emptied first)."""
-    started, resident = time.perf_counter(), _reset_peak_rss()
+    started = time.perf_counter()
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     shapes = tuple(tuple(int(d) for d in tensor.shape[1:]) for tensor in prefix.outputs)
@@ -200,11 +219,11 @@ def write(prefix: keras.Model, datasets: dict[str, tf.data.Dataset], counts: dic
     step = inference_step(prefix)
     shards = {}
     for split, data in datasets.items():
-        writer = _ShardWriter(folder, split, per_shard)
+        writer = ShardWriter(folder, split, per_shard)
         try:
             for images, labels in batches(data, f"caching features of {split}"):
                 outputs = [part.numpy() for part in tf.nest.flatten(step(images))]
-                writer.add(_records(outputs, labels.numpy(), dtype))
+                writer.add(records(outputs, labels.numpy(), dtype))
             shards[split] = writer.close()
         except OSError as error:
             with contextlib.suppress(OSError):  # closing flushes, and fails again on a full disk
@@ -215,68 +234,4 @@ def write(prefix: keras.Model, datasets: dict[str, tf.data.Dataset], counts: dic
             raise
         if writer.written != counts[split]:
             raise RuntimeError(f"feature cache: {split} gave {writer.written} records, expected {counts[split]}")
-    peak = _memory_status().get("VmHWM")
-    return FeatureCache(folder, shapes, dtype, shards, dict(counts), time.perf_counter() - started,
-                        computed_in, None if resident is None or peak is None else peak - resident)
-
-
-def _memory_status() -> dict[str, int]:
-    """VmRSS (resident now) and VmHWM (peak resident) of this process in bytes; empty off Linux."""
-    try:
-        lines = Path("/proc/self/status").read_text().splitlines()
-    except OSError:
-        return {}
-    return {line.split(":")[0]: int(line.split()[1]) * 1024 for line in lines if line.startswith(("VmRSS", "VmHWM"))}
-
-
-def _reset_peak_rss() -> int | None:
-    """Make the peak resident memory start again from now (Linux's clear_refs); the resident bytes now."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return None
-    return _memory_status().get("VmRSS")
-
-
-def _records(outputs: list[np.ndarray], labels: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """One row of bytes per image: its label, then each output flattened in `dtype`."""
-    parts = [labels.astype(LABEL_DTYPE).reshape(-1, 1).view(np.uint8)]
-    for output in outputs:
-        with np.errstate(over="ignore"):  # an overflow is detected just below
-            stored = output.astype(dtype).reshape(len(labels), -1)
-        if not np.isfinite(stored).all() and np.isfinite(output).all():
-            raise _OutOfRange(f"a feature of magnitude {np.abs(output).max():.3g} does not fit {dtype.name}")
-        if np.count_nonzero((stored == 0) & (output.reshape(stored.shape) != 0)) > UNDERFLOW_SHARE * output.size:
-            raise _OutOfRange(f"more than {UNDERFLOW_SHARE:.0%} of the features are too small for {dtype.name}")
-        parts.append(stored.view(np.uint8))
-    return np.concatenate(parts, axis=1)
-
-
-class _ShardWriter:
-    """Rows of bytes into files of at most `per_shard` rows: <split>-00000.bin, <split>-00001.bin, ..."""
-
-    def __init__(self, folder: Path, split: str, per_shard: int):
-        self.folder, self.split, self.per_shard = folder, split, per_shard
-        self.paths: list[Path] = []
-        self.file = None
-        self.written = 0
-
-    def add(self, rows: np.ndarray) -> None:
-        while len(rows):
-            room = self.per_shard - self.written % self.per_shard
-            if self.written % self.per_shard == 0:
-                self._next_file()
-            self.file.write(rows[:room].tobytes())
-            self.written += len(rows[:room])
-            rows = rows[room:]
-
-    def _next_file(self) -> None:
-        if self.file is not None:
-            self.file.close()
-        self.paths.append(self.folder / f"{self.split}-{len(self.paths):05d}.bin")
-        self.file = open(self.paths[-1], "wb")
-
-    def close(self) -> tuple[Path, ...]:
-        if self.file is not None:
-            self.file.close()
-        return tuple(self.paths)
+    return FeatureCache(folder, shapes, dtype, shards, dict(counts), time.perf_counter() - started, computed_in)

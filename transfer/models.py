@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import tempfile
-import types
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +19,9 @@ from typing import TYPE_CHECKING
 import keras
 
 from transfer.errors import PipelineError
+from transfer.images import Storage
+from transfer.keras_workarounds import keep_batchnorm_statistics, tensors_entering
 from transfer.outputs import atomic_output
-from transfer.records import Storage
 
 if TYPE_CHECKING:
     from transfer.runtime import Runtime
@@ -130,7 +130,7 @@ def frozen_prefix(model: keras.Model) -> tuple[keras.Model, keras.Model] | None:
         for name in HEAD_AFTER_POOL:
             y = model.get_layer(name)(y)
         return prefix, keras.Model(suffix_inputs, y, name="trainable_suffix")
-    cut = _tensors_entering(layers[first:])
+    cut = tensors_entering(layers[first:])
     base_prefix = keras.Model(base.input, cut)
     base_suffix = keras.Model(cut, base.output)
     prefix = keras.Model(images, base_prefix(x, training=False), name="frozen_prefix")
@@ -139,40 +139,6 @@ def frozen_prefix(model: keras.Model) -> tuple[keras.Model, keras.Model] | None:
     for name in HEAD_AFTER_POOL:
         y = model.get_layer(name)(y)
     return prefix, keras.Model(suffix_inputs, y, name="trainable_suffix")
-
-
-def _tensors_entering(suffix_layers: list) -> list:
-    # Public Layer.input/.output (Keras 3.15) are the tensors of a layer's first call, which for a base
-    # layer is the call that built the backbone, not the classifier's call of the whole base.
-    # On a Keras upgrade check that this still holds (each base layer keeps exactly one inbound node) and
-    # that tests/test_models.py::test_prefix_and_suffix_compute_the_whole_model passes.
-    made_inside = {id(tensor) for layer in suffix_layers for tensor in keras.tree.flatten(layer.output)}
-    cut: list = []
-    for layer in suffix_layers:
-        for tensor in keras.tree.flatten(layer.input):
-            if id(tensor) not in made_inside and all(tensor is not seen for seen in cut):
-                cut.append(tensor)
-    return cut
-
-
-def keep_batchnorm_statistics(base: keras.Model) -> None:
-    """Make each BatchNormalization layer of `base` normalise with its moving mean and variance and never update
-    them, whatever `training` it is called with; its gamma and beta still train when the layer is trainable.
-
-    Calling the base with training=False does not do it: in Keras 3.15 a functional model hands its own call's
-    `training` to every layer it calls, so fit()'s training=True replaces the False recorded on a nested base.
-    Nor does trainable=False, which also freezes gamma and beta. So each layer's `call` is replaced on the
-    instance (Layer.__call__ resolves `training`, then calls `self.call`). The .keras file stays plain Keras
-    and does not keep this: a model loaded to train on again (a resumed checkpoint) needs it again.
-    On a Keras upgrade run tests/test_batchnorm.py.
-    """
-    for layer in base.layers:  # our bases are flat: no nested model holds BatchNorm layers
-        if isinstance(layer, keras.layers.BatchNormalization):
-            layer.call = types.MethodType(_normalise_in_inference_mode, layer)
-
-
-def _normalise_in_inference_mode(layer: keras.layers.BatchNormalization, inputs, training=None, mask=None):
-    return type(layer).call(layer, inputs, training=False, mask=mask)
 
 
 def base_of(model: keras.Model) -> keras.Model:

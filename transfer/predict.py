@@ -1,7 +1,7 @@
 """Classify image files with a saved classifier, each image prepared exactly as the pipeline stored its own.
 
 The model file says what its outputs mean and how its training images were stored (transfer/models.py's
-Description), so a copied or downloaded model needs nothing else; records.prepare turns any PNG or JPEG into
+Description), so a copied or downloaded model needs nothing else; images.prepare turns any PNG or JPEG into
 the image the model would have seen had the preprocess stage stored it.
 """
 
@@ -16,8 +16,8 @@ import numpy as np
 import tensorflow as tf
 
 from transfer.errors import PipelineError
+from transfer.images import prepare
 from transfer.models import Description, load_model, read_description
-from transfer.records import prepare
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # what a folder contributes; a file named on its own may be called anything
 SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")  # PNG, JPEG

@@ -1,16 +1,15 @@
-"""TFRecord shards of one task split: writing them and reading them with tf.data.
+"""The TFRecord shards of one task split, read with tf.data, and meta.json, the schema their writer shares.
 
-Each record holds the encoded image, its label and its index in the split;
-`meta.json` beside the shards says the image size and encoding, so readers
-never guess. TensorFlow is imported inside the functions because the
-preprocess stage hands shards to worker processes that must import it fresh.
+Each record holds the encoded image (transfer/images.py), its label and its index in the split;
+`meta.json` beside the shards says the image size and encoding, so readers never guess. The
+preprocess stage writes both (transfer/sharding.py) through `RecordsMeta`, the one schema of meta.json.
+TensorFlow is imported inside the functions because preprocess worker processes import this module fresh.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,140 +20,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from transfer.config import describe
 from transfer.errors import PipelineError
-from transfer.outputs import NO_ROOM
+from transfer.images import Storage, decode
 
 if TYPE_CHECKING:  # imported lazily at run time: preprocess workers import this module fresh
     import tensorflow as tf
 
 META_FILE = "meta.json"
-JPEG_BYTES_PER_PIXEL = 0.19  # measured: q95 JPEG of upscaled CIFAR-10 is ~17 KB at 299x299
-# A tiny shard_size_mb would otherwise ask for more shards than images (empty shards), and every
-# shard costs a file, a worker task and a read buffer whatever it holds.
-MIN_IMAGES_PER_SHARD = 16
-
-
-@dataclass(frozen=True)
-class ShardJob:
-    images: Path  # a split's _images.npy
-    labels: Path
-    start: int
-    stop: int
-    destination: Path
-    image_size: int
-    encoding: str
-    jpeg_quality: int
-
-
-def shard_count(images: int, image_size: int, encoding: str, shard_size_mb: float) -> int:
-    """Shards of about shard_size_mb each, but none with fewer than MIN_IMAGES_PER_SHARD images."""
-    pixels = image_size * image_size
-    bytes_per_image = pixels * 3 if encoding == "raw" else pixels * JPEG_BYTES_PER_PIXEL
-    by_size = math.ceil(images * bytes_per_image / (shard_size_mb * 1e6))
-    return max(1, min(by_size, images // MIN_IMAGES_PER_SHARD))
-
-
-def shard_name(split: str, shard: int, shards: int) -> str:
-    return f"{split}-{shard:05d}-of-{shards:05d}.tfrecord"
-
-
-def write_shard(job: ShardJob) -> int:
-    """Resize and encode images[start:stop] into one TFRecord file; returns the record count."""
-    import tensorflow as tf
-
-    images = np.load(job.images, mmap_mode="r")
-    labels = np.load(job.labels)
-    try:
-        with tf.io.TFRecordWriter(str(job.destination)) as writer:
-            for begin in range(job.start, job.stop, 256):
-                end = min(begin + 256, job.stop)
-                batch = resize(np.asarray(images[begin:end]), job.image_size)
-                for offset, image in enumerate(batch):
-                    index = begin + offset
-                    writer.write(_example(encode(image, job.encoding, job.jpeg_quality), labels[index], index))
-    except tf.errors.OpError as error:
-        # TensorFlow reports a full disk as "<file>; No space left on device": made the OSError it is, so that
-        # outputs.atomic_output says it in one line, whichever worker process met it.
-        for number in NO_ROOM:
-            if error.message.endswith(os.strerror(number)):
-                raise OSError(number, os.strerror(number), str(job.destination)) from None
-        raise
-    return job.stop - job.start
-
-
-def resize(images: np.ndarray, size: int) -> np.ndarray:
-    """uint8 images (N, h, w, 3) -> uint8 (N, size, size, 3), bilinear."""
-    if images.shape[1:3] == (size, size):
-        return images
-    return resize_tensor(images, size).numpy()
-
-
-def resize_tensor(images: tf.Tensor, size: int) -> tf.Tensor:
-    """resize in TensorFlow ops, so that a serving graph resizes exactly as the preprocess stage did."""
-    import tensorflow as tf
-
-    resized = tf.image.resize(tf.cast(images, tf.float32), (size, size), method="bilinear")
-    return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
-
-
-def encode(image: np.ndarray, encoding: str, quality: int) -> bytes:
-    if encoding == "raw":
-        return image.tobytes()
-    return _jpeg(image, quality).numpy()
-
-
-def _jpeg(image, quality: int) -> tf.Tensor:
-    """The pipeline's one JPEG encoder: records and the images served to a model go through the same settings."""
-    import tensorflow as tf
-
-    return tf.io.encode_jpeg(image, quality=quality)
-
-
-def decode(encoded: tf.Tensor, encoding: str, size: int) -> tf.Tensor:
-    """A stored record's image bytes -> uint8 (size, size, 3), as every reader of the records decodes them."""
-    import tensorflow as tf
-
-    if encoding == "raw":
-        return tf.reshape(tf.io.decode_raw(encoded, tf.uint8), (size, size, 3))
-    return tf.ensure_shape(tf.io.decode_jpeg(encoded, channels=3), (size, size, 3))
-
-
-@dataclass(frozen=True)
-class Storage:
-    """How the preprocess stage stored images, so what a model trained on them saw: resized to image_size, then
-    kept raw or as JPEG at jpeg_quality. Models carry it (transfer/models.py) so that new images get the same."""
-
-    image_size: int
-    encoding: str
-    jpeg_quality: int
-
-
-def prepare(data: tf.Tensor, storage: Storage) -> tf.Tensor:
-    """Encoded PNG or JPEG bytes of any size -> the float32 (size, size, 3) image a model trained on `storage` saw.
-
-    Exactly the preprocess stage's path: decoded to RGB, resized by `resize_tensor` (as `resize` is), through
-    the storage encoding (a JPEG round trip at its quality) and decoded as the training reader decodes
-    records. An original CIFAR-10 image given as PNG therefore becomes bit for bit the image its record
-    holds. TensorFlow ops only: the exported serving graph calls this very function.
-    """
-    import tensorflow as tf
-
-    image = tf.io.decode_image(data, channels=3, expand_animations=False)
-    image = resize_tensor(image[tf.newaxis], storage.image_size)[0]
-    if storage.encoding == "jpeg":
-        image = decode(_jpeg(image, storage.jpeg_quality), "jpeg", storage.image_size)
-    return tf.cast(image, tf.float32)
-
-
-def _example(image: bytes, label: int, index: int) -> bytes:
-    import tensorflow as tf
-
-    feature = {
-        "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image])),
-        "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(label)])),
-        "index": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(index)])),
-    }
-    # Protobuf writes map entries in a per-process hash order unless asked; identical records need sorted keys.
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString(deterministic=True)
 
 
 @dataclass(frozen=True)
@@ -192,13 +63,18 @@ class SplitMeta(_Strict):
 
 
 class RecordsMeta(_Strict):
-    """What readers take from meta.json; other keys are ignored, so the preprocess stage may add some."""
+    """meta.json: the preprocess stage writes it (`text`) and every reader validates it. A reader ignores
+    other keys, so an older reader still reads a meta.json that a later writer extended."""
 
     image_size: int = Field(ge=1)
     encoding: Literal["jpeg", "raw"]
     jpeg_quality: int = Field(ge=1, le=100)
     classes: dict[str, list[str]]
     splits: dict[str, SplitMeta]
+
+    def text(self) -> str:
+        """The file's contents: keys in the order above, indented, so equal shards give an identical file."""
+        return json.dumps(self.model_dump(), indent=2) + "\n"
 
 
 def open_split(root: Path, task: str, split: str) -> Split:
@@ -331,7 +207,3 @@ def labels_of(split: Split) -> np.ndarray:
         raise PipelineError(f"{split.root}/{split.task}/{split.name}: no record has index {int(np.argmin(seen))} "
                             f"of 0..{split.count - 1}; {rerun}")
     return labels
-
-
-def cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -1,19 +1,14 @@
-"""What a training stage reports: the one metrics schema, and the CSV files DVC plots."""
+"""The CSV files DVC plots, and reading another stage's metrics JSON (the schema: transfer/training_stage.py)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from transfer.errors import PipelineError
 from transfer.outputs import write_text
-
-if TYPE_CHECKING:
-    from transfer.runtime import Runtime
-    from transfer.training import Result
 
 
 def write_history(path: Path, history: list[dict]) -> None:
@@ -28,38 +23,6 @@ def write_predictions(path: Path, labels: np.ndarray, predicted: np.ndarray, cla
     """One row per test image, for DVC's confusion-matrix template."""
     rows = ["actual,predicted"] + [f"{class_names[a]},{class_names[p]}" for a, p in zip(labels, predicted)]
     write_text(path, "\n".join(rows) + "\n")
-
-
-def metrics_report(result: Result, strategy: int | None, runtime: Runtime, stage_seconds: float,
-                   baseline: dict | None = None) -> dict:
-    """The metrics JSON of a training stage; target-task runs (a strategy) add how many images trained,
-    and finetune its gain over the from-scratch `baseline` (test accuracy minus the baseline's).
-
-    Every score is of the kept model: `kept_epoch` (1-based) is the epoch training.keep (`keep`) chose."""
-    progress = result.progress
-    report = {
-        "strategy": strategy,
-        "trainable_params": result.trainable_params,
-        "total_params": result.model.count_params(),
-        **result.evaluation,
-        "epochs": progress.epochs_done,
-        "keep": result.keep,  # training.keep: the saved and evaluated model is the best or the last epoch
-        "kept_epoch": result.kept_epoch,
-        "timing": {
-            "wall_seconds": round(stage_seconds, 1),
-            "train_seconds": round(progress.seconds, 1),
-            "train_images_per_second": round(progress.images_seen / max(progress.seconds, 1e-9), 1),
-        },
-        "runtime": {"gpus": runtime.gpus, "mixed_precision": runtime.mixed_precision,
-                    "jit_compile": runtime.jit_compile, "distribute": runtime.distribute,
-                    "replicas": runtime.replicas, "workers": runtime.workers},
-        "feature_cache": result.feature_cache,  # how the frozen prefix's output was cached, or why not
-    }
-    if strategy is not None:
-        report["train_images"] = result.train_images
-    if baseline is not None:
-        report["gain_over_scratch"] = round(report["test"]["accuracy"] - baseline["test"]["accuracy"], 6)
-    return report
 
 
 def read_metrics(path: Path, made_by: str) -> dict:

@@ -1,6 +1,6 @@
 """Where and how training runs: the tf.distribute distribution, seeds, determinism, precision, XLA.
 
-Also the workaround that lets Keras 3's fit() train across replicas and workers.
+The workaround that lets Keras 3's fit() train across replicas and workers is in transfer/keras_workarounds.py.
 """
 
 from __future__ import annotations
@@ -107,32 +107,6 @@ def cluster() -> tuple[int, bool]:
 def global_batch(batch_size: int, runtime: Runtime) -> int:
     """params' batch sizes are per replica: every replica gets batch_size images per step."""
     return batch_size * runtime.replicas
-
-
-def let_keras_fit_across_replicas(model: keras.Model, batch_spec: tuple, workers: int) -> None:
-    """Work around Keras 3's fit() under tf.distribute (keras-team/keras#19246, #20585).
-
-    fit() builds the model from the mean of the first batch over the replicas: that
-    fails when the batch does not split evenly (a small validation set) and, across
-    workers, always. So the model, its metrics and optimizer are built here from the
-    batch's shape, as fit() itself does it, and fit() is told that the model has no
-    strategy of its own: it then uses the enclosing scope's and skips that step.
-    Across workers, fit() also reduces the scalar logs along an axis they do not
-    have, so they get one.
-
-    Private Keras API (`_symbolic_build`, `_distribute_strategy`): keras is pinned to 3.15.x in
-    pyproject.toml for it. On an upgrade, check whether those issues are fixed (then delete this
-    function) or whether the two attributes still exist and mean the same, by running
-    tests/test_distribute.py, whose MirroredStrategy and multi-worker tests go through here.
-    """
-    model._symbolic_build(data_batch=batch_spec)
-    model._distribute_strategy = None
-    if workers > 1:
-        def with_axis(step):
-            return lambda data: {name: tf.reshape(value, [1]) for name, value in step(data).items()}
-
-        model.train_step = with_axis(model.train_step)
-        model.test_step = with_axis(model.test_step)
 
 
 def by_batch(data: tf.data.Dataset) -> tf.data.Dataset:

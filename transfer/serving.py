@@ -1,13 +1,13 @@
 """The fine-tuned model for serving: a SavedModel that takes encoded images, and a TFLite file.
 
 The SavedModel's `serving_default` signature takes a batch of encoded PNG or JPEG files (a string tensor) and
-prepares each with records.prepare, the same function `cifar10-transfer predict` uses, so it answers as the
+prepares each with images.prepare, the same function `cifar10-transfer predict` uses, so it answers as the
 measured model does; it returns every class's probability, the class names and the most probable class.
 Its `pixels` signature takes images already prepared (float32, 0-255, image_size square).
 
 TFLite has no general image decoder, so the .tflite file takes what `pixels` takes: float32 images of
 shape (batch, image_size, image_size, 3), pixel values 0-255, resized (and JPEG round-tripped) by the caller
-as records.prepare does. It returns the probabilities; labels.txt beside it names the classes in order.
+as images.prepare does. It returns the probabilities; labels.txt beside it names the classes in order.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
+from transfer.images import prepare
 from transfer.models import Description
-from transfer.records import prepare
 
 SAVED_MODEL = "saved_model"
 TFLITE_FILE = "model.tflite"

@@ -3,31 +3,101 @@
 The shards are written by a pool of worker processes, each with a one-thread
 TensorFlow, so N workers use N cores. The output does not depend on the
 number of workers. Workers die with the stage, even a kill -9 of it, so none
-goes on writing into a folder that the next run deletes. The record format and
-the writing of one shard live in transfer/records.py.
+goes on writing into a folder that the next run deletes. How an image is
+stored is transfer/images.py's; meta.json's schema and the readers are
+transfer/records.py's.
 """
 
 from __future__ import annotations
 
 import ctypes
 import json
+import math
 import multiprocessing
 import os
 import signal
 import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from transfer.errors import PipelineError
+from transfer.images import encode, resize
+from transfer.outputs import NO_ROOM
 from transfer.paths import SPLITS, TASKS
-from transfer.records import ShardJob, shard_count, shard_name, write_shard
+from transfer.records import RecordsMeta
+
+JPEG_BYTES_PER_PIXEL = 0.19  # measured: q95 JPEG of upscaled CIFAR-10 is ~17 KB at 299x299
+# A tiny shard_size_mb would otherwise ask for more shards than images (empty shards), and every
+# shard costs a file, a worker task and a read buffer whatever it holds.
+MIN_IMAGES_PER_SHARD = 16
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    images: Path  # a split's _images.npy
+    labels: Path
+    start: int
+    stop: int
+    destination: Path
+    image_size: int
+    encoding: str
+    jpeg_quality: int
+
+
+def shard_count(images: int, image_size: int, encoding: str, shard_size_mb: float) -> int:
+    """Shards of about shard_size_mb each, but none with fewer than MIN_IMAGES_PER_SHARD images."""
+    pixels = image_size * image_size
+    bytes_per_image = pixels * 3 if encoding == "raw" else pixels * JPEG_BYTES_PER_PIXEL
+    by_size = math.ceil(images * bytes_per_image / (shard_size_mb * 1e6))
+    return max(1, min(by_size, images // MIN_IMAGES_PER_SHARD))
+
+
+def shard_name(split: str, shard: int, shards: int) -> str:
+    return f"{split}-{shard:05d}-of-{shards:05d}.tfrecord"
+
+
+def write_shard(job: ShardJob) -> int:
+    """Resize and encode images[start:stop] into one TFRecord file; returns the record count."""
+    import tensorflow as tf
+
+    images = np.load(job.images, mmap_mode="r")
+    labels = np.load(job.labels)
+    try:
+        with tf.io.TFRecordWriter(str(job.destination)) as writer:
+            for begin in range(job.start, job.stop, 256):
+                end = min(begin + 256, job.stop)
+                batch = resize(np.asarray(images[begin:end]), job.image_size)
+                for offset, image in enumerate(batch):
+                    index = begin + offset
+                    writer.write(_example(encode(image, job.encoding, job.jpeg_quality), labels[index], index))
+    except tf.errors.OpError as error:
+        # TensorFlow reports a full disk as "<file>; No space left on device": made the OSError it is, so that
+        # outputs.atomic_output says it in one line, whichever worker process met it.
+        for number in NO_ROOM:
+            if error.message.endswith(os.strerror(number)):
+                raise OSError(number, os.strerror(number), str(job.destination)) from None
+        raise
+    return job.stop - job.start
+
+
+def _example(image: bytes, label: int, index: int) -> bytes:
+    import tensorflow as tf
+
+    feature = {
+        "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image])),
+        "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(label)])),
+        "index": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(index)])),
+    }
+    # Protobuf writes map entries in a per-process hash order unless asked; identical records need sorted keys.
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString(deterministic=True)
 
 
 def plan_shards(split_root: Path, out_root: Path, image_size: int, encoding: str, jpeg_quality: int,
-                shard_size_mb: float) -> tuple[list[ShardJob], dict]:
+                shard_size_mb: float) -> tuple[list[ShardJob], RecordsMeta]:
     """The shard jobs for every split, and the meta.json that describes their result."""
     jobs, splits = [], {}
     for task in TASKS:
@@ -47,8 +117,8 @@ def plan_shards(split_root: Path, out_root: Path, image_size: int, encoding: str
                 entries.append({"file": name, "count": stop - start})
             splits[f"{task}/{split}"] = {"count": count, "shards": entries}
     classes = json.loads((split_root / "classes.json").read_text())
-    meta = {"image_size": image_size, "encoding": encoding, "jpeg_quality": jpeg_quality,
-            "classes": classes, "splits": splits}
+    meta = RecordsMeta.model_validate({"image_size": image_size, "encoding": encoding, "jpeg_quality": jpeg_quality,
+                                       "classes": classes, "splits": splits})
     return jobs, meta
 
 
@@ -96,3 +166,7 @@ def write_all(jobs: list[ShardJob], workers: int) -> None:
         pool.shutdown(wait=False, cancel_futures=True)
         raise
     pool.shutdown()
+
+
+def cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

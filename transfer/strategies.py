@@ -3,43 +3,21 @@
 A strategy (an entry of params.yaml's `strategies`) counts layers in `base.layers` of
 the backbone, as the Keras application lists them (input layer included), so the
 same number means the same cut on every machine; a count beyond the backbone's
-base is refused. Strategy 0 is the from-scratch baseline.
+base is refused. Strategy 0 is the from-scratch baseline. The counting itself (BASE_LAYERS,
+first_trainable_layer) is transfer/config.py's, which validates every strategy when it reads the params.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from transfer.config import BASE_LAYERS, Finetune, FreezingRule, Params, Strategy, first_trainable_layer
 from transfer.errors import PipelineError
 
-if TYPE_CHECKING:  # config imports this module to validate strategies
+if TYPE_CHECKING:
     import keras
 
-    from transfer.config import Finetune, FreezingRule, Params, Strategy
-
-# len(base.layers) of each backbone, input layer included, whatever the image size.
-# tests/test_models.py builds every backbone and checks this table.
-BASE_LAYERS = {"inception_v3": 311, "small_cnn": 7}
 BASELINE = 0  # the strategy the baseline stage trains, whatever `strategy` says
-
-
-def first_trainable_layer(strategy: FreezingRule, backbone: str) -> int:
-    """Index of the first base layer that trains; the base's layer count when only the head trains.
-
-    A count beyond the base is a ValueError starting with the key, rather than
-    silently training (or freezing) the whole base.
-    """
-    base_layers = BASE_LAYERS[backbone]
-    if strategy.trainable_base_layers == "all":
-        return 0
-    if strategy.frozen_base_layers is not None:
-        key, count = "frozen_base_layers", strategy.frozen_base_layers
-        fix = f"at most {base_layers} ({base_layers} freezes the whole base: only the head trains)"
-    else:
-        key, count, fix = "trainable_base_layers", strategy.trainable_base_layers, f'"all" or at most {base_layers}'
-    if count > base_layers:
-        raise ValueError(f"{key}: {count} is more than {backbone}'s {base_layers} base layers; use {fix}")
-    return count if key == "frozen_base_layers" else base_layers - count
 
 
 def freeze(base: keras.Model, strategy: FreezingRule, backbone: str) -> None:
@@ -61,8 +39,6 @@ def settings(finetune: Finetune, strategy: Strategy) -> Finetune:
 
 def pretraining(params: Params) -> Strategy | None:
     """pretrain's freezing rule as a strategy over model.weights; None when the whole network trains."""
-    from transfer.config import Strategy
-
     rule = params.pretrain
     if rule.trainable_base_layers == "all":
         return None
