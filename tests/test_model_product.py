@@ -162,7 +162,7 @@ def test_the_saved_model_serves_png_and_jpeg_bytes_without_this_project(project,
     measured = json.loads((project / "metrics/finetune.json").read_text())["test"]["accuracy"]
     assert abs(accuracy - measured) <= 0.001  # within 0.1 points of finetune's test accuracy
     assert served["predicted"]["png"] == [classes[int(np.argmax(row))] for row in served["probabilities"]["png"]]
-    # The JPEG files, served and through the documented path (`predict`: records.prepare, then the Keras model).
+    # The JPEG files, served and through the documented path (`predict`: images.prepare, then the Keras model).
     answers = json.loads(run([sys.executable, "-m", "transfer.cli", "predict", str(jpegs), "--json"], project).stdout)
     assert [answer["path"] for answer in answers] == list(map(str, jpeg_files))
     assert served["predicted"]["jpg"] == [answer["class"] for answer in answers]
