@@ -33,7 +33,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import random
 import re
 import shutil
 import signal
@@ -43,63 +42,22 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import psutil
-import yaml
-
 from benchmarks.common import archive_share, arguments, report, workspace
+from benchmarks.same_results import differences, problems, temporaries
+from benchmarks.timed_repro import (
+    POLL,
+    START,
+    Run,
+    Timeline,
+    kill_group,
+    kill_instants,
+    phases_seen,
+    stage_running,
+    start,
+    timed_repro,
+)
 
-START = "(dvc)"  # the phase before dvc names its first stage
-MARKER = re.compile(r"^(?:Running stage|Stage) '([^']+)'", re.MULTILINE)  # running, skipped or restored from cache
-TRACEBACK = "Traceback (most recent call last)"
-POLL = 0.02  # seconds between looks at a running `dvc repro`
 TRAINING_STAGES = ("pretrain", "baseline", "finetune")
-# Every file the pipeline writes that must be equal between the runs (models and metrics JSON apart).
-SAME_TEXT = ("metrics/pretrain_history.csv", "metrics/baseline_history.csv", "metrics/finetune_history.csv",
-             "metrics/finetune_predictions.csv", "models/export/labels.txt", "models/export/MODEL_CARD.md")
-METRICS = ("metrics/pretrain.json", "metrics/baseline.json", "metrics/finetune.json")
-DATA = ("data/cifar-10-python.tar.gz", "data/split", "data/tfrecords")  # compared by their md5 in dvc.lock
-MODELS = ("models/pretrained.keras", "models/finetuned.keras")
-FIGURES = Path("metrics/figures")
-TFLITE = Path("models/export/model.tflite")  # byte for byte the same from run to run, unlike the SavedModel's files
-SAVED_MODEL = Path("models/export/saved_model")
-# Measured, not computed: they differ from run to run like the timing block.
-TIMING_FIELDS = (("timing",), ("feature_cache", "seconds"), ("feature_cache", "peak_rss_growth_mib"))
-
-
-@dataclass
-class Timeline:
-    """When each phase of an uninterrupted `dvc repro` began (seconds after it started), and when it ended."""
-
-    starts: dict[str, float]
-    total: float
-
-    def window(self, phase: str) -> tuple[float, float]:
-        names = list(self.starts)
-        following = names.index(phase) + 1
-        return self.starts[phase], self.starts[names[following]] if following < len(names) else self.total
-
-    def stage_at(self, instant: float) -> str:
-        return next(name for name in reversed(self.starts) if self.starts[name] <= instant)
-
-
-@dataclass
-class Run:
-    """One `dvc repro` of the sweep: its output files and how it ended."""
-
-    index: int
-    out: Path
-    err: Path
-    returncode: int | None = None
-    seconds: float = 0.0
-
-    @property
-    def stdout(self) -> str:
-        return self.out.read_text(errors="replace")
-
-    @property
-    def stderr(self) -> str:
-        return self.err.read_text(errors="replace")
 
 
 @dataclass
@@ -116,91 +74,6 @@ class Kill:
     emptied: list[str] = field(default_factory=list)  # DVC's own files it left empty (removed before the next run)
     run: int = 0  # the run it killed
     next_run: list[str] = field(default_factory=list)  # what the next run said about it
-
-
-def start(command: list[str], cwd: Path, logs: Path, index: int) -> tuple[subprocess.Popen, Run]:
-    """`command` in its own process group (as a terminal runs a job), output to files that can be read meanwhile."""
-    logs.mkdir(parents=True, exist_ok=True)
-    run = Run(index, logs / f"run-{index:02d}.out", logs / f"run-{index:02d}.err")
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PYTHONUNBUFFERED": "1"}
-    with open(run.out, "w") as out, open(run.err, "w") as err:
-        process = subprocess.Popen(command, cwd=cwd, stdout=out, stderr=err, env=env, start_new_session=True)
-    return process, run
-
-
-def phases_seen(run: Run) -> list[str]:
-    return MARKER.findall(run.stdout)
-
-
-def timed_repro(project: Path, logs: Path) -> Timeline:
-    """Run `dvc repro` to the end and note when each stage began; fails if it fails."""
-    process, run = start(["dvc", "repro"], project, logs, 0)
-    began, starts = time.monotonic(), {START: 0.0}
-    while process.poll() is None:
-        for name in phases_seen(run):
-            starts.setdefault(name, time.monotonic() - began)
-        time.sleep(POLL)
-    for name in phases_seen(run):  # the last ones, if they came in the last poll
-        starts.setdefault(name, time.monotonic() - began)
-    if process.returncode != 0:
-        raise AssertionError(f"the uninterrupted dvc repro failed ({process.returncode}):\n{run.stderr}")
-    return Timeline(starts, time.monotonic() - began)
-
-
-def kill_instants(timeline: Timeline, kills: int, seed: int) -> list[float]:
-    """One instant drawn uniformly in each of `kills` equal slices of the timeline: spread over the whole run."""
-    rng = random.Random(seed)
-    return [(slice_ + rng.random()) * timeline.total / kills for slice_ in range(kills)]
-
-
-def instants_in(timeline: Timeline, places: dict[str, float]) -> list[float]:
-    """Kill instants at a share of named stages' time on the timeline, e.g. {"preprocess": 0.5}: where a stage is
-    at work (a short test's few kills would otherwise mostly land in TensorFlow's start-up)."""
-    return sorted(start + share * (end - start)
-                  for (start, end), share in ((timeline.window(stage), share) for stage, share in places.items()))
-
-
-def stage_running(pid: int) -> bool:
-    """Whether a `python -m stages.<name>` runs under `pid` (dvc runs each stage's command as its child)."""
-    try:
-        children = psutil.Process(pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return False
-    for child in children:
-        try:
-            if "stages." in " ".join(child.cmdline()):
-                return True
-        except psutil.NoSuchProcess:
-            continue
-    return False
-
-
-def kill_group(process: subprocess.Popen) -> None:
-    """SIGKILL to every process in the group, and wait until none is left (none may go on writing)."""
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(process.pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(POLL)
-    raise AssertionError(f"processes of group {process.pid} outlived SIGKILL")
-
-
-# transfer/outputs.py's siblings of an output being replaced: `.<name>.tmp-<pid>`, `.new-<pid>`, `.old-<pid>`.
-SIBLING = re.compile(r"^\..+\.(?:tmp|new|old)-\d+")
-
-
-def temporaries(project: Path) -> list[str]:
-    """Half-replaced outputs' siblings anywhere in the project but DVC's and git's folders."""
-    found = []
-    for folder, subfolders, files in os.walk(project):
-        subfolders[:] = [name for name in subfolders if name not in (".dvc", ".git")]
-        found += [str((Path(folder) / name).relative_to(project)) for name in subfolders + files
-                  if SIBLING.match(name)]
-    return sorted(found)
 
 
 def epochs_checkpointed(project: Path) -> dict[str, int]:
@@ -292,81 +165,6 @@ def dvc_file_emptied(project: Path, run: Run, kill: Kill) -> bool:
             (project / name).unlink()
             return True
     return False
-
-
-def without_timing(metrics: dict) -> dict:
-    for path in TIMING_FIELDS:
-        section = metrics
-        for key in path[:-1]:
-            section = section.get(key) or {}
-        section.pop(path[-1], None)
-    return metrics
-
-
-def model_weights(path: Path) -> list[np.ndarray]:
-    import keras
-
-    return keras.models.load_model(path).get_weights()
-
-
-def differences(project: Path, reference: Path) -> list[str]:
-    """What the two finished projects' outputs differ in (empty: the same results)."""
-    found = []
-    for name in METRICS:
-        ours, theirs = (without_timing(json.loads((folder / name).read_text())) for folder in (project, reference))
-        if ours != theirs:
-            found.append(f"{name}: {ours} != {theirs}")
-    ours, theirs = (locked_md5s(folder) for folder in (project, reference))
-    found += [f"{name}: md5 {ours.get(name)} != {theirs.get(name)}" for name in DATA
-              if ours.get(name) != theirs.get(name)]
-    for name in SAME_TEXT:
-        if (project / name).read_text() != (reference / name).read_text():
-            found.append(f"{name} differs")
-    ours, theirs = (sorted(path.relative_to(folder) for path in (folder / FIGURES).iterdir())
-                    for folder in (project, reference))
-    if ours != theirs:
-        found.append(f"{FIGURES}: {ours} != {theirs}")
-    found += [f"{name} differs" for name in [*ours, TFLITE]
-              if (project / name).read_bytes() != (reference / name).read_bytes()]
-    for name, weights in [(name, model_weights) for name in MODELS] + [(SAVED_MODEL, saved_model_weights)]:
-        ours, theirs = weights(project / name), weights(reference / name)
-        if len(ours) != len(theirs) or not all(np.array_equal(a, b) for a, b in zip(ours, theirs)):
-            found.append(f"{name}: weights differ")
-    return found
-
-
-def locked_md5s(project: Path) -> dict[str, str]:
-    """Every output's md5 as dvc.lock records it."""
-    lock = yaml.safe_load((project / "dvc.lock").read_text())
-    return {out["path"]: out.get("md5") for stage in lock["stages"].values() for out in stage.get("outs", [])}
-
-
-def saved_model_weights(path: Path) -> list[np.ndarray]:
-    """The SavedModel's float variables in the order it lists them. Its files differ between two uninterrupted
-    runs: the protobufs, the order of its `_all_variables` and Dropout's random seed state (an int64 pair that the
-    export does not seed and serving never uses)."""
-    import tensorflow as tf
-
-    reader = tf.train.load_checkpoint(str(path / "variables" / "variables"))
-    names = [name for name, dtype in reader.get_variable_to_dtype_map().items()
-             if name.startswith("variables/") and dtype.is_floating]
-    return [reader.get_tensor(name) for name in sorted(names, key=lambda name: int(name.split("/")[1]))]
-
-
-def problems(project: Path, runs: list[Run]) -> list[str]:
-    """What the finished, killed project must not show: DVC changes, leftovers, tracebacks."""
-    found = []
-    status = subprocess.run(["dvc", "status"], cwd=project, capture_output=True, text=True,
-                            env={**os.environ, "DVC_NO_ANALYTICS": "1"})
-    if status.returncode != 0 or "up to date" not in status.stdout:
-        found.append(f"dvc status is not clean: {status.stdout.strip()} {status.stderr.strip()}")
-    found += [f"left behind: {name}" for name in temporaries(project)]
-    checkpoints = project / "checkpoints"
-    if checkpoints.exists() and any(checkpoints.iterdir()):
-        found.append(f"left behind: {sorted(str(p.relative_to(project)) for p in checkpoints.rglob('*'))}")
-    found += [f"run {run.index} printed a traceback:\n{run.stderr}" for run in runs
-              if TRACEBACK in run.stdout or TRACEBACK in run.stderr]
-    return found
 
 
 def kill_test(reference: Path, killed: Path, instants: Callable[[Timeline], list[float]], logs: Path,

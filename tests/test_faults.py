@@ -23,7 +23,7 @@ import psutil
 import pytest
 from helpers import copy_project, finish, make_project, run, set_params, sources, start, write_learnable_archive
 
-from benchmarks import kill_sweep
+from benchmarks import kill_sweep, timed_repro
 from transfer.records import check_shards, open_split
 
 EPOCHS = 5
@@ -265,6 +265,6 @@ def test_kill_9_of_dvc_repro_at_any_instant_ends_as_the_uninterrupted_run(tmp_pa
     archive = write_learnable_archive(tmp_path / "cifar-10-python.tar.gz")
     reference, killed = (make_project(tmp_path / name, archive, {"strategy": 2}) for name in ("reference", "killed"))
     places = {"preprocess": 0.5, "pretrain": 0.9, "finetune": 0.8}
-    _, kills, _, found = kill_sweep.kill_test(reference, killed, lambda timeline: kill_sweep.instants_in(
+    _, kills, _, found = kill_sweep.kill_test(reference, killed, lambda timeline: timed_repro.instants_in(
         timeline, places), tmp_path / "logs", timeout=1200)
     assert len(kills) == len(places) and found == [], "\n".join(map(str, [*found, *kills]))
