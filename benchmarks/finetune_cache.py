@@ -33,8 +33,8 @@ import tensorflow as tf
 from benchmarks.common import arguments, prepared, report
 from benchmarks.memory import peak_rss_growth
 from transfer.config import load_params
-from transfer.feature_cache import computing_in, inference_batch
-from transfer.models import frozen_prefix
+from transfer.feature_cache import inference_batch
+from transfer.models import computing_in, frozen_prefix
 from transfer.records import dataset
 from transfer.runtime import set_up
 from transfer.training import build_classifier, open_task, train_classifier

@@ -48,7 +48,8 @@ BAD_PARAMS = [
      "(7 freezes the whole base: only the head trains)"),
     ({"model.backbone": "inception_v3", "preprocess.image_size": 75, "strategies.2.trainable_base_layers": 5000},
      "strategies.2.trainable_base_layers: 5000 is more than inception_v3's 311 base layers"),
-    ({"training.mixed_precision": "yes"}, "training.mixed_precision: got 'yes'; input should be 'auto', True or False"),
+    ({"training.mixed_precision": "yes"}, "training.mixed_precision: got 'yes'; input should be 'auto', True, False, "
+                                          "'float16' or 'bfloat16'"),
     ({"pretrain.trainable_base_layers": 8}, "pretrain.trainable_base_layers: 8 is more than small_cnn's 7 base layers"),
     ({"pretrain.frozen_base_layers": 2}, "pretrain: give exactly one of trainable_base_layers, frozen_base_layers"),
     ({"pretrain.trainable_base_layers": "some"}, "pretrain.trainable_base_layers: got 'some'"),

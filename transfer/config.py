@@ -31,6 +31,9 @@ PositiveInt = Annotated[int, Field(ge=1)]
 PositiveFloat = Annotated[float, Field(gt=0, strict=False)]
 Toggle = Literal["auto", True, False]
 Keep = Literal["best", "last"]  # training.keep: which epoch a training stage saves and evaluates
+# true: the device's mixed dtype (float16 on a GPU, bfloat16 on a CPU); a dtype forces it on any device, so a CPU
+# can rehearse what a GPU runs (tests/test_gpu_settings.py).
+Precision = Literal["auto", True, False, "float16", "bfloat16"]
 
 
 class Section(BaseModel):
@@ -94,7 +97,7 @@ class Training(Section):
     shuffle_buffer: PositiveInt
     steps_per_execution: PositiveInt
     deterministic: bool
-    mixed_precision: Toggle
+    mixed_precision: Precision
     jit_compile: Toggle
     distribute: Literal["auto", "none", "mirrored", "multi_worker"]
     keep: Keep

@@ -42,7 +42,7 @@ import tensorflow as tf
 
 from transfer.evaluation import batches, inference_step
 from transfer.feature_shards import LABEL_DTYPE, OutOfRange, ShardWriter, records
-from transfer.models import frozen_prefix
+from transfer.models import computing_in, frozen_prefix
 from transfer.outputs import NO_ROOM, no_room
 from transfer.records import epoch_seed
 
@@ -195,16 +195,6 @@ def build(prefix: keras.Model, datasets: dict[str, tf.data.Dataset], counts: dic
     except OutOfRange as overflow:
         print(f"feature cache: {overflow}; storing float32 instead")
         return write_if_room(FALLBACK_DTYPE)
-
-
-def computing_in(model: keras.Model, policy: str) -> keras.Model:
-    """A copy of `model` (nested models too) whose layers compute in the dtype policy `policy`, same weights."""
-    def with_policy(layer: keras.layers.Layer) -> keras.layers.Layer:
-        return layer.__class__.from_config({**layer.get_config(), "dtype": keras.DTypePolicy(policy)})
-
-    copy = keras.models.clone_model(model, clone_function=with_policy, recursive=True)
-    copy.set_weights(model.get_weights())
-    return copy
 
 
 def write(prefix: keras.Model, datasets: dict[str, tf.data.Dataset], counts: dict[str, int], folder: Path,

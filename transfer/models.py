@@ -199,3 +199,13 @@ def read_description(path: Path) -> Description:
                             "rerun the finetune stage (dvc repro) to save a model with them") from None
     except (OSError, zipfile.BadZipFile, ValueError, TypeError) as error:
         raise PipelineError(f"{path} is not a readable Keras model ({error})") from None
+
+
+def computing_in(model: keras.Model, policy: str) -> keras.Model:
+    """A copy of `model` (nested models too) whose layers compute in the dtype policy `policy`, same weights."""
+    def with_policy(layer: keras.layers.Layer) -> keras.layers.Layer:
+        return layer.__class__.from_config({**layer.get_config(), "dtype": keras.DTypePolicy(policy)})
+
+    copy = keras.models.clone_model(model, clone_function=with_policy, recursive=True)
+    copy.set_weights(model.get_weights())
+    return copy

@@ -55,26 +55,38 @@ def set_up(training: Training, seed: int) -> Runtime:
     keras.utils.set_random_seed(seed)
     if training.deterministic:
         tf.config.experimental.enable_op_determinism()
-    mixed = bool(gpus) if training.mixed_precision == "auto" else training.mixed_precision
+    policy = mixed_policy(training.mixed_precision, gpus)
     # Keras silently turns XLA off under op determinism (not every XLA kernel is deterministic).
     if training.jit_compile is True and training.deterministic:
         raise PipelineError("training.jit_compile=true needs training.deterministic=false: "
                             "Keras does not compile with XLA under TF op determinism")
     jit = bool(gpus) and not training.deterministic if training.jit_compile == "auto" else training.jit_compile
-    # float16 is far slower than float32 on a CPU; bfloat16 has hardware support on recent ones
-    # (AVX512-BF16, AMX). See BENCHMARKS.md, "Mixed precision on the CPU".
-    keras.mixed_precision.set_global_policy(("mixed_float16" if gpus else "mixed_bfloat16") if mixed else "float32")
+    keras.mixed_precision.set_global_policy(policy)
     if distribute != "multi_worker":  # every process trains on its own
         workers, chief = 1, True
     # The frozen pass has no gradients, so bfloat16 only costs precision; it pays only on a CPU with AMX:
     # with AVX512-BF16 alone it ran InceptionV3 at half float32's speed (BENCHMARKS.md). A GPU, or
-    # mixed_precision true, computes every layer in its mixed dtype already.
+    # a mixed_precision other than auto, computes every layer in its mixed dtype already.
     frozen_bfloat16 = training.mixed_precision == "auto" and not gpus and "amx_bf16" in cpu_flags()
-    runtime = Runtime(gpus, mixed, jit, distribution, distribute, workers, chief, frozen_bfloat16)
+    runtime = Runtime(gpus, policy != "float32", jit, distribution, distribute, workers, chief, frozen_bfloat16)
     if runtime.replicas > 1:
         print(f"training with {distribute} over {runtime.replicas} replicas on {runtime.workers} worker(s)"
               + ("" if chief else "; the chief writes every output"))
     return runtime
+
+
+def mixed_policy(mixed_precision: str | bool, gpus: int) -> str:
+    """The Keras dtype policy that training.mixed_precision names on a machine with `gpus` GPUs.
+
+    float16 is far slower than float32 on a CPU; bfloat16 has hardware support on recent ones
+    (AVX512-BF16, AMX): see BENCHMARKS.md, "Mixed precision on the CPU". A dtype named outright is used on
+    any device, so that a CPU can run what a GPU would (float16, with its loss-scaling optimizer).
+    """
+    if mixed_precision in ("float16", "bfloat16"):
+        return f"mixed_{mixed_precision}"
+    if mixed_precision is False or (mixed_precision == "auto" and not gpus):
+        return "float32"
+    return "mixed_float16" if gpus else "mixed_bfloat16"
 
 
 def cpu_flags() -> set[str]:
