@@ -16,9 +16,10 @@ from transfer.errors import PipelineError
 
 def test_write_json_replaces_the_file_and_leaves_nothing_else(tmp_path):
     final = tmp_path / "out.json"
-    outputs.write_json(final, {"b": 1, "a": [2]})
-    outputs.write_json(final, {"b": 3})
-    assert final.read_text() == '{\n  "b": 3\n}\n' and json.loads(final.read_text()) == {"b": 3}
+    outputs.write_json(final, {"c": 1})
+    outputs.write_json(final, {"b": 3, "a": [2]})  # in the caller's order, not sorted
+    assert final.read_text() == '{\n  "b": 3,\n  "a": [\n    2\n  ]\n}\n'
+    assert json.loads(final.read_text()) == {"b": 3, "a": [2]}
     assert [path.name for path in tmp_path.iterdir()] == ["out.json"]
 
 
@@ -173,10 +174,26 @@ def test_remove_deletes_files_folders_and_links_but_not_what_a_link_points_to(tm
     assert list(tmp_path.iterdir()) == []
 
 
-def test_fsync_tree_flushes_files_and_folders(tmp_path):
+def test_fsync_tree_flushes_every_file_before_its_folder(tmp_path, monkeypatch):
+    """Which paths reach os.fsync, in order (recorded, then really flushed): a folder's files before the folder,
+    innermost folders first, so the folder entries are durable only once what they name is."""
+    synced: list[str] = []
+    fsync = os.fsync
+
+    def record(descriptor: int) -> None:
+        synced.append(os.path.relpath(os.readlink(f"/proc/self/fd/{descriptor}"), tmp_path))
+        fsync(descriptor)
+
+    monkeypatch.setattr(outputs.os, "fsync", record)
     (tmp_path / "f" / "sub").mkdir(parents=True)
     (tmp_path / "f" / "sub" / "a").write_text("a")
+    (tmp_path / "f" / "b").write_text("b")
     (tmp_path / "g").write_text("g")
+    (tmp_path / "link").symlink_to(tmp_path / "f", target_is_directory=True)
     outputs.fsync_tree(tmp_path / "f")
+    assert synced == ["f/sub/a", "f/sub", "f/b", "f"]
+    synced.clear()
     outputs.fsync_tree(tmp_path / "g")
-    outputs.fsync_tree(tmp_path / "missing")  # nothing to flush
+    outputs.fsync_tree(tmp_path / "link")  # the folder it points to is not this output's to flush
+    outputs.fsync_tree(tmp_path / "missing")
+    assert synced == ["g"]
