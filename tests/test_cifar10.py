@@ -488,6 +488,9 @@ def test_write_archive_lays_out_its_members_as_the_official_archive(tmp_path):
     assert pickle.loads(member(path, TRAIN_BATCHES[0]))[b"data"].shape == (2, 3072)
     assert pickle.loads(member(path, META)) == {b"label_names": [name.encode() for name in CIFAR10_CLASSES],
                                                 b"num_cases_per_batch": 2, b"num_vis": 3072}
+    read = read_archive(path)
+    np.testing.assert_array_equal(read.test_images, cifar.test_images)
+    assert read.test_images.flags.c_contiguous  # one C-order copy of the transposed planes
 
 
 def test_frombuffer_only_rebuilds_a_c_order_array_of_bytes(tmp_path, good_archive):
@@ -518,3 +521,17 @@ def test_a_long_shape_is_shown_up_to_80_characters(tmp_path, good_archive, digit
         read_archive(bad)
     assert str(refused.value) == (f"{bad}: test_batch holds an array of shape {shown}; a CIFAR-10 batch holds 1 or 2 "
                                   "dimensions; refusing to load it")
+
+
+def test_labels_that_are_not_integers_are_refused_naming_the_range(tmp_path, good_archive):
+    payload = pickle.dumps({b"data": np.zeros((1, 3072), np.uint8), b"labels": np.array([0.5])}, protocol=4)
+    bad = replace_member(good_archive, tmp_path / "bad.tar.gz", TEST_BATCH, payload)
+    with pytest.raises(PipelineError) as refused:
+        read_archive(bad)
+    assert str(refused.value) == f"{bad}: test_batch has labels of type float64, not integers 0..9"
+
+
+def test_a_batch_of_exactly_10000_images_is_read(tmp_path, good_archive):
+    payload = pickle.dumps({b"data": np.zeros((10_000, 3072), np.uint8), b"labels": [9] * 10_000}, protocol=4)
+    fine = replace_member(good_archive, tmp_path / "fine.tar.gz", TEST_BATCH, payload)
+    assert read_archive(fine).test_labels.tolist() == [9] * 10_000
