@@ -116,9 +116,18 @@ def test_fetch_first_copies_the_first_source_that_is_there(project, tiny_archive
 
 def test_fetch_first_refuses_a_source_that_is_there_with_another_md5(project, tiny_archive):
     wrong = Source(url=str(tiny_archive), md5="0" * 32)
-    with pytest.raises(PipelineError, match=r"does not match data.sources\[0\].md5 0{32}"):
+    with pytest.raises(PipelineError) as error:
         fetch.fetch_first([wrong, source(str(tiny_archive), tiny_archive)])
+    assert str(error.value).startswith(f"{tiny_archive}: md5 {fetch.md5_of(tiny_archive)} does not match "
+                                       f"data.sources[0].md5 {'0' * 32}; the file is a different file")
     assert list((project / "data").iterdir()) == []
+    ARCHIVE.write_bytes(tiny_archive.read_bytes())  # placed by hand: verified in place, and kept when it fails
+    with pytest.raises(PipelineError) as error:
+        fetch.fetch_first([Source(url=str(ARCHIVE), md5="1" * 32)])
+    assert str(error.value).startswith(f"{ARCHIVE}: md5 {fetch.md5_of(tiny_archive)} does not match "
+                                       f"data.sources[0].md5 {'1' * 32}; the file is a different file. Fetch it "
+                                       "again, or set data.sources[0].md5 if you meant to use this file")
+    assert ARCHIVE.read_bytes() == tiny_archive.read_bytes()
 
 
 def test_fetch_first_refuses_a_typo_in_a_later_source_before_fetching(project, tiny_archive):
@@ -239,3 +248,42 @@ def test_one_line_joins_and_shortens(project):
     assert fetch._one_line("a\n  b\tc") == "a b c"
     assert fetch._one_line("x" * 200) == "x" * 200
     assert fetch._one_line("x" * 201) == "x" * 197 + "..."
+
+
+def test_a_500_is_retried_and_a_404_is_not(project, tiny_archive, waits):
+    with serve({"c.tar.gz": tiny_archive}, faults=["500", "ok"]) as server:
+        fetch.fetch(f"{server.url}/c.tar.gz", project / "out")
+        assert (project / "out").read_bytes() == tiny_archive.read_bytes() and waits == [0.5]
+        with pytest.raises(fetch.Unreachable) as error:
+            fetch.fetch(f"{server.url}/missing", project / "out")
+    assert str(error.value) == f"{server.url}/missing answered HTTP 404 Not Found" and waits == [0.5]
+
+
+def test_a_closed_port_is_named_by_the_reason_of_the_last_try(project, waits):
+    with serve({}) as server:
+        url = f"{server.url}/c.tar.gz"  # the port is closed once the server stops
+    with pytest.raises(fetch.Unreachable) as error:
+        fetch.fetch(url, project / "out")
+    assert str(error.value) == f"could not download {url} after 5 tries ([Errno 111] Connection refused)"
+    assert waits == [0.5, 1.0, 2.0, 4.0]
+
+
+def test_a_tar_that_is_not_gzipped_is_refused_even_with_its_md5(tiny_archive, tmp_path):
+    import gzip
+
+    plain = tmp_path / "plain.tar"
+    plain.write_bytes(gzip.decompress(tiny_archive.read_bytes()))  # the same members, uncompressed
+    with pytest.raises(PipelineError) as error:
+        fetch.verify(plain, fetch.md5_of(plain), "src", "key.md5")
+    assert str(error.value) == "src is truncated or corrupt (ReadError)"
+
+
+def test_the_progress_bar_names_the_file_and_counts_bytes_in_kibibytes(project, tiny_archive, waits, capsys):
+    from tqdm import tqdm
+
+    with serve({"c.tar.gz": tiny_archive}) as server:
+        fetch.fetch(f"{server.url}/c.tar.gz", project / "out")
+    size = tqdm.format_sizeof(tiny_archive.stat().st_size, "B", 1024)
+    assert "c.tar.gz: 100%" in capsys.readouterr().err and size.endswith("kB")
+    fetch.fetch(tiny_archive, project / "copy")
+    assert f"{tiny_archive.name}: 100%" in capsys.readouterr().err
