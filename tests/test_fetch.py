@@ -287,3 +287,12 @@ def test_the_progress_bar_names_the_file_and_counts_bytes_in_kibibytes(project, 
     assert "c.tar.gz: 100%" in capsys.readouterr().err and size.endswith("kB")
     fetch.fetch(tiny_archive, project / "copy")
     assert f"{tiny_archive.name}: 100%" in capsys.readouterr().err
+
+
+def test_a_connection_dropped_every_time_is_named(project, tiny_archive, waits):
+    with serve({"c.tar.gz": tiny_archive}, faults=["drop"] * 5) as server:
+        url = f"{server.url}/c.tar.gz"
+        with pytest.raises(fetch.Unreachable) as error:
+            fetch.fetch(url, project / "out")
+    assert str(error.value) == (f"could not download {url} after 5 tries (ConnectionError: connection closed before "
+                                "the end of the file)")
