@@ -283,8 +283,9 @@ def test_the_progress_bar_names_the_file_and_counts_bytes_in_kibibytes(project, 
 
     with serve({"c.tar.gz": tiny_archive}) as server:
         fetch.fetch(f"{server.url}/c.tar.gz", project / "out")
-    size = tqdm.format_sizeof(tiny_archive.stat().st_size, "B", 1024)
-    assert "c.tar.gz: 100%" in capsys.readouterr().err and size.endswith("kB")
+    size = tqdm.format_sizeof(tiny_archive.stat().st_size, divisor=1024)  # bytes in kibibytes: "25.4k"
+    last = capsys.readouterr().err.split("\r")[-1]
+    assert last.startswith("c.tar.gz: 100%|") and f"| {size}/{size} [" in last and last.endswith("B/s]\n"), last
     fetch.fetch(tiny_archive, project / "copy")
     assert f"{tiny_archive.name}: 100%" in capsys.readouterr().err
 
