@@ -535,3 +535,21 @@ def test_a_batch_of_exactly_10000_images_is_read(tmp_path, good_archive):
     payload = pickle.dumps({b"data": np.zeros((10_000, 3072), np.uint8), b"labels": [9] * 10_000}, protocol=4)
     fine = replace_member(good_archive, tmp_path / "fine.tar.gz", TEST_BATCH, payload)
     assert read_archive(fine).test_labels.tolist() == [9] * 10_000
+
+
+def test_big_endian_pixels_are_read_by_their_byte_order(tmp_path):
+    cifar = random_cifar()
+    path = write_archive(tmp_path / "a.tar.gz", cifar_with(train_images=cifar.train_images.astype(">u2")))
+    assert np.array_equal(read_archive(path).train_images, cifar.train_images)
+
+
+@pytest.mark.parametrize(("meta", "why"), [
+    ([b"airplane"] * 10, "has no list of class names under b'label_names'"),
+    ({b"label_names": ["airplane"] * 10}, "has no list of class names under b'label_names'"),
+    ({b"label_names": [b"\xff"] * 10}, "has a class name that is not UTF-8"),
+])
+def test_class_names_that_are_no_list_of_utf8_bytes_are_refused(tmp_path, good_archive, meta, why):
+    bad = replace_member(good_archive, tmp_path / "bad.tar.gz", META, pickle.dumps(meta, protocol=2))
+    with pytest.raises(PipelineError) as refused:
+        read_archive(bad)
+    assert str(refused.value) == f"{bad}: batches.meta {why}"
