@@ -12,7 +12,7 @@ from pathlib import Path
 class Server:
     def __init__(self, files: dict[str, bytes], faults: list[str]):
         self.files = files
-        # Consumed one per request: "503", "drop" (half the body, then close), "not http" (an answer that is no
+        # Consumed one per request: "500" or "503", "drop" (half the body, then close), "not http" (an answer that is no
         # HTTP), "chunked cut" (a chunked body cut short), "bad length" (a Content-Length that is no number), "ok".
         self.faults = list(faults)
         self.requests: list[dict] = []
@@ -31,8 +31,8 @@ def _handler(server: Server) -> type[BaseHTTPRequestHandler]:
             if body is None:
                 self.send_error(404)
                 return
-            if fault == "503":
-                self.send_error(503, "Service Unavailable")
+            if fault in ("500", "503"):
+                self.send_error(int(fault))
                 return
             if fault == "not http":
                 self.wfile.write(b"HELLO THERE\r\n\r\n")

@@ -364,3 +364,123 @@ def test_a_weights_file_counts_by_content_for_dvc_and_the_checkpoint(tmp_path, f
     status = run(["dvc", "status", "pretrain"], project).stdout
     assert "changed deps" in status and "modified:           weights" in status, status
     assert changes(before, stage_identity("pretrain")) == ["weights"]
+
+
+# In-process checks of the rest of the checkpoint's public behaviour (mutation testing sees only these).
+
+def test_kept_epoch_is_the_last_or_the_best_the_later_on_ties():
+    from transfer.checkpoints import Progress
+
+    progress = Progress(history=[{"val_accuracy": a} for a in (0.2, 0.5, 0.4, 0.5, 0.1)])
+    assert progress.epochs_done == 5
+    assert (progress.kept_epoch("last"), progress.kept_epoch("best")) == (5, 4)
+    assert Progress().kept_epoch("best") == 0 and Progress().epochs_done == 0
+    assert (Progress().seconds, Progress().images_seen, Progress().history) == (0.0, 0, [])
+
+
+def test_a_missing_dependency_or_stage_is_one_line(project):
+    (project / "code.py").unlink()
+    with pytest.raises(PipelineError) as error:
+        stage_identity("train")
+    assert str(error.value) == "code.py not found: it is a dependency of the train stage (dvc repro)"
+    with pytest.raises(PipelineError) as error:
+        stage_identity("other", project / "missing.yaml")
+    assert str(error.value) == (f"{project / 'missing.yaml'} has no stage 'other' (FileNotFoundError): run from the "
+                                "project root")
+    (project / "empty.yaml").write_text("")
+    with pytest.raises(PipelineError, match=r"has no stage 'train' \(TypeError\)"):
+        stage_identity("train", project / "empty.yaml")
+
+
+def test_a_param_under_a_list_or_missing_is_none_and_a_new_one_counts(project):
+    spec = yaml.safe_load((project / "dvc.yaml").read_text())
+    spec["stages"]["train"]["params"] += ["seed.x", "nothing.here", "strategies.1.layers"]
+    (project / "dvc.yaml").write_text(yaml.safe_dump(spec))
+    params = stage_identity("train")["params"]
+    assert (params["params.yaml:seed.x"], params["params.yaml:nothing.here"]) == (None, None)
+    assert params["params.yaml:strategies.1.layers"] == 0
+    assert changes({"cmd": "a"}, {"cmd": "b", "deps": {"x": "1"}, "params": {"params.yaml:k": 1}}) == ["cmd", "x", "k"]
+
+
+def test_content_hashes_are_sha256_of_a_file_or_of_a_folders_names_and_contents(project):
+    import hashlib
+
+    from transfer.checkpoints import content_hash
+
+    assert content_hash(project / "code.py") == hashlib.sha256(b"x = 1\n").hexdigest()
+    inner = hashlib.sha256(b"a").hexdigest()
+    assert content_hash(project / "data") == hashlib.sha256(f"part/a.bin\0{inner}\0".encode()).hexdigest()
+
+
+def test_for_stage_and_finish_use_checkpoints_of_the_stage(project):
+    from transfer.checkpoints import finish, for_stage
+
+    checkpoints = for_stage("train", 64)
+    assert checkpoints.folder.as_posix() == "checkpoints/train" and checkpoints.global_batch == 64
+    assert checkpoints.latest.as_posix() == "checkpoints/train/latest"
+    assert checkpoints.identity == stage_identity("train")
+    (project / "checkpoints" / "train" / "latest").mkdir(parents=True)
+    (project / "checkpoints" / "other").mkdir()
+    finish("train")
+    assert [path.name for path in (project / "checkpoints").iterdir()] == ["other"]
+
+
+def test_several_workers_never_resume_and_only_the_chief_deletes(stage):
+    from transfer.checkpoints import resume
+
+    saved_after(stage, 2)
+    model, progress = resume(stage, workers=2, chief=False)
+    assert model is None and progress.epochs_done == 0 and stage.latest.exists()
+    model, progress = resume(stage, workers=2, chief=True)
+    assert model is None and progress.epochs_done == 0 and not stage.folder.exists()
+
+
+def test_a_checkpoint_of_another_identity_names_what_changed(stage, capsys):
+    from dataclasses import replace
+
+    saved_after(stage, 1)
+    capsys.readouterr()
+    changed = {"cmd": "other", "deps": {"a": "1", "b": "2"}, "params": {"params.yaml:seed": 1, "x.yaml:lr": 2}}
+    assert resumed_epochs(replace(stage, identity=changed)) == 0
+    assert capsys.readouterr().out == (f"discarding checkpoint in {stage.folder}: cmd, a, b and 2 more changed since "
+                                       "it was written; training restarts from epoch 1\n")
+    saved_after(stage, 1)
+    capsys.readouterr()
+    assert resumed_epochs(replace(stage, identity={**stage.identity, "cmd": "x"})) == 0
+    assert f"{stage.folder}: cmd changed since it was written;" in capsys.readouterr().out
+
+
+def test_no_checkpoint_resumes_nothing_and_without_best_weights_there_are_none(stage, capsys):
+    from transfer.checkpoints import Progress, best_weights, resume, save
+
+    assert resume(stage, workers=1, chief=True)[0] is None and capsys.readouterr().out == ""
+    model = tiny_model()
+    save(stage, model, Progress(history=[{"epoch": 1, "val_accuracy": 0.5}], seconds=2.5, images_seen=7))
+    assert best_weights(stage) is None
+    resumed, progress = resume(stage, workers=1, chief=True)
+    assert (progress.seconds, progress.images_seen) == (2.5, 7)
+    assert capsys.readouterr().out == f"resuming from {stage.folder} after epoch 1\n"
+
+
+def test_a_resumed_model_draws_the_same_dropout_masks(stage):
+    import numpy as np
+
+    from transfer.checkpoints import resume
+
+    model = saved_after(stage, 1)
+    resumed, _ = resume(stage, workers=1, chief=True)
+    x = np.ones((4, 4), np.float32)
+    for _ in range(2):
+        np.testing.assert_array_equal(resumed(x, training=True).numpy(), model(x, training=True).numpy())
+
+
+def test_best_weights_that_do_not_fit_the_model_are_damaged(stage, capsys):
+    import numpy as np
+
+    saved_after(stage, 2)
+    np.savez(stage.latest / "best_weights.npz", np.zeros(3))
+    capsys.readouterr()
+    assert resumed_epochs(stage) == 0
+    assert capsys.readouterr().out == (f"discarding checkpoint in {stage.folder}: {stage.latest / 'best_weights.npz'} "
+                                       "is damaged (ValueError: its weights do not fit the model); training restarts "
+                                       "from epoch 1\n")

@@ -286,8 +286,9 @@ def test_a_pixel_value_outside_a_byte_is_refused_not_wrapped(tmp_path, value):
 def test_pixel_values_that_are_not_integers_are_refused(tmp_path):
     images = random_cifar().train_images.astype(np.float32) + 0.5
     path = write_archive(tmp_path / "a.tar.gz", cifar_with(train_images=images))
-    with pytest.raises(PipelineError, match=f"^{path}: data_batch_1 has pixels of type float32, not integers"):
+    with pytest.raises(PipelineError) as refused:
         read_archive(path)
+    assert str(refused.value) == f"{path}: data_batch_1 has pixels of type float32, not integers 0..255"
 
 
 def test_wide_integer_pixels_within_a_byte_are_read(tmp_path):
@@ -470,3 +471,85 @@ def test_a_sparse_member_is_refused(tmp_path):
         read_archive(bad)
     assert str(refused.value) == (f"{bad} has a sparse member ({TRAIN_BATCHES[0]}), which a CIFAR-10 archive never "
                                   "has; refusing it")
+
+
+def test_write_archive_lays_out_its_members_as_the_official_archive(tmp_path):
+    """The keys and values of the official batches (read_archive ignores all but data, labels, label_names)."""
+    cifar = random_cifar(train=10, test=3)
+    path = write_archive(tmp_path / "a.tar.gz", cifar)
+    with tarfile.open(path) as archive:
+        assert archive.getnames() == [*TRAIN_BATCHES, TEST_BATCH, META]
+    test = pickle.loads(member(path, TEST_BATCH))  # our own file: safe to unpickle
+    assert set(test) == {b"batch_label", b"labels", b"data", b"filenames"}
+    assert test[b"batch_label"] == b"testing batch 1 of 1" and test[b"filenames"] == [b"0.png", b"1.png", b"2.png"]
+    assert test[b"labels"] == [int(label) for label in cifar.test_labels] and test[b"data"].shape == (3, 3072)
+    red = cifar.test_images[1, :, :, 0].reshape(-1)  # a row holds the red plane, then the green, then the blue
+    np.testing.assert_array_equal(test[b"data"][1, :1024], red)
+    assert pickle.loads(member(path, TRAIN_BATCHES[0]))[b"data"].shape == (2, 3072)
+    assert pickle.loads(member(path, META)) == {b"label_names": [name.encode() for name in CIFAR10_CLASSES],
+                                                b"num_cases_per_batch": 2, b"num_vis": 3072}
+    read = read_archive(path)
+    np.testing.assert_array_equal(read.test_images, cifar.test_images)
+    assert read.test_images.flags.c_contiguous  # one C-order copy of the transposed planes
+
+
+def test_frombuffer_only_rebuilds_a_c_order_array_of_bytes(tmp_path, good_archive):
+    frombuffer = np.zeros(3).__reduce_ex__(5)[0]  # numpy's _frombuffer, as protocol 5 names it
+    for buffer, order in ((b"\x00" * 3072, "F"), (bytearray(3072), "F"), ("text", "C")):
+        array = Reduce(frombuffer, (buffer, np.dtype(np.uint8), (1, 3072), order))
+        payload = pickle.dumps({b"data": array, b"labels": [0]}, protocol=5)
+        bad = replace_member(good_archive, tmp_path / "bad.tar.gz", TEST_BATCH, payload)
+        with pytest.raises(PipelineError) as refused:
+            read_archive(bad)
+        assert str(refused.value) == (f"{bad}: test_batch is truncated or corrupt (UnpicklingError); delete the "
+                                      "archive and download it again"), (buffer, order)
+    array = Reduce(frombuffer, (bytearray(3072), np.dtype(np.uint8), (1, 3072), "C"))
+    fine = replace_member(good_archive, tmp_path / "fine.tar.gz", TEST_BATCH,
+                          pickle.dumps({b"data": array, b"labels": [0]}, protocol=5))
+    assert read_archive(fine).test_images.shape == (1, 32, 32, 3)
+
+
+@pytest.mark.parametrize("digits", [(25, 25, 24), (25, 25, 25)])
+def test_a_long_shape_is_shown_up_to_80_characters(tmp_path, good_archive, digits):
+    shape = tuple(10 ** (n - 1) for n in digits)  # its repr: 80 characters, then 81
+    huge = Reduce(RECONSTRUCT, (np.ndarray, (0,), b"b"), (1, shape, np.dtype(np.uint8), False, b"\x00" * 3072))
+    bad = replace_member(good_archive, tmp_path / "bad.tar.gz", TEST_BATCH,
+                         pickle.dumps({b"data": huge, b"labels": [0]}, protocol=2))
+    shown = repr(shape) if len(repr(shape)) <= 80 else repr(shape)[:77] + "..."
+    assert len(repr(shape)) == sum(digits) + 6 and len(shown) == 80
+    with pytest.raises(PipelineError) as refused:
+        read_archive(bad)
+    assert str(refused.value) == (f"{bad}: test_batch holds an array of shape {shown}; a CIFAR-10 batch holds 1 or 2 "
+                                  "dimensions; refusing to load it")
+
+
+def test_labels_that_are_not_integers_are_refused_naming_the_range(tmp_path, good_archive):
+    payload = pickle.dumps({b"data": np.zeros((1, 3072), np.uint8), b"labels": np.array([0.5])}, protocol=4)
+    bad = replace_member(good_archive, tmp_path / "bad.tar.gz", TEST_BATCH, payload)
+    with pytest.raises(PipelineError) as refused:
+        read_archive(bad)
+    assert str(refused.value) == f"{bad}: test_batch has labels of type float64, not integers 0..9"
+
+
+def test_a_batch_of_exactly_10000_images_is_read(tmp_path, good_archive):
+    payload = pickle.dumps({b"data": np.zeros((10_000, 3072), np.uint8), b"labels": [9] * 10_000}, protocol=4)
+    fine = replace_member(good_archive, tmp_path / "fine.tar.gz", TEST_BATCH, payload)
+    assert read_archive(fine).test_labels.tolist() == [9] * 10_000
+
+
+def test_big_endian_pixels_are_read_by_their_byte_order(tmp_path):
+    cifar = random_cifar()
+    path = write_archive(tmp_path / "a.tar.gz", cifar_with(train_images=cifar.train_images.astype(">u2")))
+    assert np.array_equal(read_archive(path).train_images, cifar.train_images)
+
+
+@pytest.mark.parametrize(("meta", "why"), [
+    ([b"airplane"] * 10, "has no list of class names under b'label_names'"),
+    ({b"label_names": ["airplane"] * 10}, "has no list of class names under b'label_names'"),
+    ({b"label_names": [b"\xff"] * 10}, "has a class name that is not UTF-8"),
+])
+def test_class_names_that_are_no_list_of_utf8_bytes_are_refused(tmp_path, good_archive, meta, why):
+    bad = replace_member(good_archive, tmp_path / "bad.tar.gz", META, pickle.dumps(meta, protocol=2))
+    with pytest.raises(PipelineError) as refused:
+        read_archive(bad)
+    assert str(refused.value) == f"{bad}: batches.meta {why}"

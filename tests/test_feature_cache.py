@@ -193,3 +193,65 @@ def test_a_disk_too_small_for_the_cache_trains_through_the_base_end_to_end(tmp_p
     assert report["feature_cache"]["reason"].endswith("but only 0.1 GiB is free")
     assert report["epochs"] == 2 and (project / "models/finetuned.keras").is_file()
     assert left_on_the_small_disk == []  # no half-written cache, and the finished checkpoint is cleared
+
+
+def test_the_cache_describes_itself_with_the_keys_of_not_cached(tmp_path, monkeypatch):
+    prefix = two_output_prefix()
+    cache, _ = build(tmp_path, prefix, monkeypatch)
+    # A record: an int32 label, then 6*6*4 + 5 float16 features.
+    assert cache.record_bytes == 4 + 2 * (6 * 6 * 4 + 5) == feature_cache.storage_bytes(prefix, 1)
+    assert cache.bytes == 2 * IMAGES * cache.record_bytes
+    assert cache.shapes == ((6, 6, 4), (5,)) and cache.counts == {"train": IMAGES, "test": IMAGES}
+    assert [path.name for path in cache.shards["train"][:2]] == ["train-00000.bin", "train-00001.bin"]
+    assert sum(path.stat().st_size for path in cache.shards["test"]) == IMAGES * cache.record_bytes
+    assert all(path.stat().st_size == 3 * cache.record_bytes for path in cache.shards["test"][:-1])  # 1000 // 302
+    described = cache.describe()
+    assert described == {"storage": "disk", "dtype": "float16", "computed_in": "float32", "images": 2 * IMAGES,
+                          "mib": round(cache.bytes / 2**20, 1), "seconds": round(cache.seconds, 1),
+                          "reason": None, "peak_rss_growth_mib": described["peak_rss_growth_mib"]}
+    assert 0 < cache.seconds < 600 and described["mib"] == 0.0
+    growth = cache.peak_rss_growth
+    assert growth is not None and 0 <= growth < 1 << 30  # Linux: /proc/self/clear_refs resets the peak
+    assert described["peak_rss_growth_mib"] == round(growth / 2**20, 1)
+    assert feature_cache.not_cached("why") == {**dict.fromkeys(described), "storage": "none", "images": 0,
+                                               "mib": 0.0, "seconds": 0.0, "reason": "why"}
+
+
+def test_inference_batches_hold_the_same_pixels_at_every_size():
+    assert [feature_cache.inference_batch(size) for size in (32, 75, 150, 299, 5000)] == [703, 128, 32, 8, 1]
+
+
+def test_room_for_says_what_it_needs_and_what_is_free(tmp_path, monkeypatch):
+    import shutil
+
+    prefix = two_output_prefix()
+    assert feature_cache.storage_bytes(prefix, 1000, feature_cache.FALLBACK_DTYPE) == 1000 * (4 + 4 * 149)
+    monkeypatch.setattr(feature_cache, "DISK_MARGIN", 3 << 30)
+    huge = 10**9
+    reason = feature_cache.room_for(prefix, huge, tmp_path / "f" / "g")
+    needed = feature_cache.storage_bytes(prefix, huge)
+    assert reason == (f"the feature cache needs {needed / 2**30:.1f} GiB of float16 in {tmp_path / 'f' / 'g'} and 3 "
+                      f"GiB to spare, but only {shutil.disk_usage(tmp_path).free / 2**30:.1f} GiB is free")
+
+
+def test_a_dataset_giving_other_than_its_count_is_refused(tmp_path):
+    prefix = two_output_prefix()
+    data = tf.data.Dataset.from_tensor_slices((np.zeros((5, 6, 6, 3), np.float32), np.arange(5))).batch(2)
+    with pytest.raises(RuntimeError, match="feature cache: train gave 5 records, expected 6"):
+        feature_cache.write(prefix, {"train": data}, {"train": 6}, tmp_path / "f", feature_cache.STORAGE_DTYPE)
+
+
+def test_computing_in_bfloat16_keeps_the_weights_and_says_so(tmp_path):
+    prefix = two_output_prefix()
+    copy = feature_cache.computing_in(prefix, "mixed_bfloat16")
+    assert {layer.compute_dtype for layer in copy.layers[1:]} == {"bfloat16"}
+    assert {layer.compute_dtype for layer in prefix.layers[1:]} == {"float32"}
+    for ours, theirs in zip(copy.get_weights(), prefix.get_weights(), strict=True):
+        np.testing.assert_array_equal(ours, theirs)
+    data = tf.data.Dataset.from_tensor_slices((np.ones((3, 6, 6, 3), np.float32), np.arange(3))).batch(2)
+    cache = feature_cache.build(prefix, {"train": data}, {"train": 3}, tmp_path / "f", bfloat16=True)
+    assert cache.computed_in == "bfloat16" and cache.describe()["computed_in"] == "bfloat16"
+    got = next(iter(cache.dataset("train", 3)))[0][1].numpy()
+    want = prefix(np.ones((3, 6, 6, 3), np.float32))[1].numpy()
+    assert not np.array_equal(got, want.astype(np.float16).astype(np.float32))  # computed in bfloat16
+    np.testing.assert_allclose(got, want, rtol=0.05, atol=0.05)

@@ -1,0 +1,242 @@
+"""The records' public functions called in the test's own process on a few images (test_records.py checks the
+preprocess stage's shards, written in a subprocess that mutation testing cannot see).
+
+Each image's label is its index in the split, so every record read back names the image it must hold."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from transfer import records
+from transfer.errors import PipelineError
+
+COUNT = 40  # images in the split
+SHARDS = (0, 13, 26, 40)  # three shards, of unequal sizes
+IMAGES = np.random.default_rng(7).integers(0, 256, (COUNT, 32, 32, 3), dtype=np.uint8)
+
+
+def write_split(root: Path, size: int = 32, encoding: str = "raw", quality: int = 95, meta: dict | None = None):
+    """Shards of IMAGES (label = index) as the preprocess stage writes them, and their meta.json."""
+    root.mkdir(parents=True, exist_ok=True)
+    np.save(root / "_images.npy", IMAGES)
+    np.save(root / "_labels.npy", np.arange(COUNT))
+    shards = []
+    for shard, (start, stop) in enumerate(zip(SHARDS, SHARDS[1:])):
+        name = records.shard_name("train", shard, len(SHARDS) - 1)
+        job = records.ShardJob(root / "_images.npy", root / "_labels.npy", start, stop, root / "target" / name,
+                               size, encoding, quality)
+        job.destination.parent.mkdir(exist_ok=True)
+        assert records.write_shard(job) == stop - start
+        shards.append({"file": f"target/{name}", "count": stop - start})
+    meta = meta or {"image_size": size, "encoding": encoding, "jpeg_quality": quality,
+                    "classes": {"target": ["a", "b"]}, "splits": {"target/train": {"count": COUNT, "shards": shards}}}
+    (root / records.META_FILE).write_text(json.dumps(meta))
+    return records.open_split(root, "target", "train")
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory):
+    return write_split(tmp_path_factory.mktemp("raw"))
+
+
+def read(data) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """(images, labels, batch sizes) of one pass."""
+    batches = list(data.as_numpy_iterator())
+    return (np.concatenate([images for images, _ in batches]), np.concatenate([labels for _, labels in batches]),
+            [len(labels) for _, labels in batches])
+
+
+def test_shard_names_sort_in_order_and_say_how_many():
+    assert records.shard_name("train", 3, 12) == "train-00003-of-00012.tfrecord"
+
+
+def test_shard_count_aims_at_the_shard_size_with_16_images_at_least():
+    assert records.shard_count(10_000, 32, "raw", 10) == 4  # 30.72 MB in shards of 10 MB
+    assert records.shard_count(10_000, 299, "jpeg", 10) == 17  # 169.9 MB at 0.19 bytes a pixel
+    assert records.shard_count(100, 32, "raw", 0.001) == 6  # 100 // 16, not 308
+    assert records.shard_count(10, 32, "raw", 0.001) == 1
+    assert records.shard_count(32, 32, "raw", 0.001) == 2
+
+
+def test_the_split_is_read_back_whole_and_exact(raw):
+    assert (raw.count, raw.image_size, raw.encoding, raw.classes, raw.task, raw.name) == (
+        COUNT, 32, "raw", ("a", "b"), "target", "train")
+    assert raw.storage == records.Storage(32, "raw", 95)
+    records.check_shards(raw)
+    images, labels, sizes = read(records.dataset(raw, 16))
+    assert sorted(labels) == list(range(COUNT)) and labels.dtype == np.int64
+    assert images.dtype == np.float32 and sizes == [16, 16, 8]
+    np.testing.assert_array_equal(images, IMAGES[labels].astype(np.float32))
+    np.testing.assert_array_equal(records.labels_of(raw), np.arange(COUNT))
+
+
+def test_every_shard_is_read_interleaved_in_a_fixed_order(raw):
+    first = read(records.dataset(raw, 7))[1]
+    assert list(first[:6]) == [0, 13, 26, 1, 14, 27]  # one record of each shard in turn
+    np.testing.assert_array_equal(read(records.dataset(raw, 7))[1], first)
+
+
+def test_shuffling_depends_on_the_seed_and_the_epoch_only(raw):
+    epochs = records.epochs(raw, 8, shuffle_buffer=COUNT, seed=3)
+    orders = [read(epochs(epoch))[1] for epoch in (0, 1, 0)]
+    assert sorted(orders[0]) == list(range(COUNT))
+    assert list(orders[0]) != list(orders[1]) and list(orders[0]) == list(orders[2])
+    again = records.epochs(raw, 8, shuffle_buffer=COUNT, seed=3)(1)
+    np.testing.assert_array_equal(read(again)[1], orders[1])
+    other_seed = read(records.epochs(raw, 8, shuffle_buffer=COUNT, seed=4)(1))[1]
+    assert list(other_seed) != list(orders[1])
+    np.testing.assert_array_equal(read(records.dataset(raw, 8, shuffle_buffer=COUNT, seed=3))[1], orders[0])
+    assert list(read(records.dataset(raw, 8))[1]) != list(orders[0])  # no buffer, no shuffle
+
+
+def test_epoch_seed_is_the_first_word_of_the_seed_sequence():
+    assert records.epoch_seed(3, 1) == int(np.random.SeedSequence([3, 1]).generate_state(1)[0])
+    assert len({records.epoch_seed(seed, epoch) for seed in (0, 1) for epoch in (0, 1)}) == 4
+
+
+def test_a_labelled_subset_yields_exactly_its_images(raw):
+    keep = np.zeros(COUNT, dtype=bool)
+    keep[[0, 5, 13, 30, 39]] = True
+    epochs = records.epochs(raw, 2, shuffle_buffer=8, seed=1, keep=keep)
+    for epoch in (0, 1):
+        data = epochs(epoch)
+        assert data.cardinality().numpy() == 3
+        images, labels, sizes = read(data)
+        assert sorted(labels) == [0, 5, 13, 30, 39] and sizes == [2, 2, 1]
+        np.testing.assert_array_equal(images, IMAGES[labels].astype(np.float32))
+    assert records.dataset(raw, 16).cardinality().numpy() == 3
+
+
+def test_shards_of_resized_jpeg_images_hold_what_prepare_gives(tmp_path):
+    split = write_split(tmp_path / "jpeg", size=48, encoding="jpeg", quality=80)
+    images, labels, _ = read(records.dataset(split, 64))
+    assert images.shape == (COUNT, 48, 48, 3)
+    storage = records.Storage(48, "jpeg", 80)
+    assert split.storage == storage
+    for label in labels[:3]:
+        png = tf.io.encode_png(IMAGES[label]).numpy()
+        np.testing.assert_array_equal(records.prepare(png, storage).numpy(), images[list(labels).index(label)])
+    # The JPEG round trip stays near the resized pixels, and a lower quality moves them further.
+    resized = records.resize(IMAGES[labels], 48).astype(np.float32)
+    error = np.abs(images - resized).mean()
+    assert 0 < error < 40  # random pixels are JPEG's worst case
+    low = records.decode(records.encode(records.resize(IMAGES[:1], 48)[0], "jpeg", 10), "jpeg", 48).numpy()
+    assert np.abs(low - resized[list(labels).index(0)]).mean() > error
+
+
+def test_resize_keeps_images_of_the_size_and_resizes_others_bilinearly():
+    assert records.resize(IMAGES, 32) is IMAGES
+    small = records.resize(IMAGES[:2], 16)
+    assert small.shape == (2, 16, 16, 3) and small.dtype == np.uint8
+    # Halving with bilinear weights (no antialias) samples between pixel pairs: the mean of each 2x2 block,
+    # rounded half to even as tf.round does (float32 arithmetic may land a half the other way).
+    pairs = IMAGES[:2].astype(np.float64).reshape(2, 16, 2, 16, 2, 3).mean(axis=(2, 4))
+    difference = np.abs(small.astype(np.int64) - np.round(pairs).astype(np.int64))
+    assert difference.max() <= 1 and (difference == 0).mean() > 0.99
+    tiny = np.full((1, 2, 2, 3), 255, dtype=np.uint8)
+    assert records.resize(tiny, 4).max() == 255  # clipped and rounded, never wrapped to 0
+
+
+def test_raw_encoding_round_trips_bit_for_bit():
+    image = IMAGES[0, :5, :5]
+    encoded = records.encode(image, "raw", 95)
+    assert encoded == image.tobytes()
+    np.testing.assert_array_equal(records.decode(encoded, "raw", 5).numpy(), image)
+
+
+def test_prepare_of_a_raw_storage_is_the_resized_image():
+    png = tf.io.encode_png(IMAGES[3]).numpy()
+    np.testing.assert_array_equal(records.prepare(png, records.Storage(32, "raw", 95)).numpy(), IMAGES[3])
+    np.testing.assert_array_equal(records.prepare(png, records.Storage(16, "raw", 95)).numpy(),
+                                  records.resize(IMAGES[3:4], 16)[0])
+    assert records.prepare(png, records.Storage(16, "raw", 95)).dtype == tf.float32
+
+
+def test_labels_of_names_a_record_outside_the_split_and_a_missing_index(tmp_path):
+    meta = {"image_size": 32, "encoding": "raw", "jpeg_quality": 95, "classes": {"target": ["a"]},
+            "splits": {"target/train": {"count": COUNT - 1, "shards": [
+                {"file": f"target/{records.shard_name('train', n, 3)}", "count": 1} for n in range(3)]}}}
+    split = write_split(tmp_path / "short", meta=meta)  # 40 records, meta.json says 39
+    with pytest.raises(PipelineError) as error:
+        records.labels_of(split)
+    assert str(error.value) == (f"TFRecord shard {split.files[2]} holds a record of index {COUNT - 1}, outside "
+                                f"0..{COUNT - 2} (meta.json says {COUNT - 1} records); delete data/tfrecords and "
+                                "rerun `dvc repro`")
+    meta["splits"]["target/train"]["count"] = COUNT + 2
+    (split.root / records.META_FILE).write_text(json.dumps(meta))
+    split = records.open_split(split.root, "target", "train")
+    with pytest.raises(PipelineError) as error:
+        records.labels_of(split)
+    assert str(error.value) == (f"{split.root}/target/train: no record has index {COUNT} of 0..{COUNT + 1}; "
+                                "delete data/tfrecords and rerun `dvc repro`")
+    with pytest.raises(PipelineError) as error:
+        records.check_shards(split)
+    assert str(error.value) == f"{split.root}/target: {COUNT} records, meta.json says {COUNT + 2}"
+
+
+def test_check_shards_names_a_missing_or_truncated_shard(tmp_path):
+    split = write_split(tmp_path / "damaged")
+    split.files[1].write_bytes(split.files[1].read_bytes()[:-100])
+    with pytest.raises(PipelineError) as error:
+        records.check_shards(split)
+    assert str(error.value).startswith(f"TFRecord shard {split.files[1]} is truncated or corrupt (")
+    assert str(error.value).endswith("); delete data/tfrecords and rerun `dvc repro`") and "\n" not in str(error.value)
+    split.files[2].unlink()
+    split = records.Split(split.root, "target", "train", split.files[2:], COUNT, 32, "raw", ("a",), 95)
+    with pytest.raises(PipelineError) as error:
+        records.check_shards(split)
+    assert str(error.value) == f"TFRecord shard {split.files[0]} is missing; rerun the preprocess stage"
+
+
+@pytest.mark.parametrize(("meta", "why"), [
+    (None, "not found: run the preprocess stage (dvc repro)"),
+    ("{", "is damaged; delete {root} and rerun `dvc repro` (not JSON: "),
+    (b"\xff", "is damaged; delete {root} and rerun `dvc repro` (not JSON: "),
+    ('{"image_size": 0}', "is damaged; delete {root} and rerun `dvc repro` (image_size"),
+    ('{"image_size": 32, "encoding": "raw", "jpeg_quality": 95, "classes": {"target": []}, "splits": {}}',
+     "is damaged; delete {root} and rerun `dvc repro` (it lacks target/train)"),
+    ('{"image_size": 32, "encoding": "raw", "jpeg_quality": 95, "classes": {}, "splits": '
+     '{"target/train": {"count": 0, "shards": [{"file": "x", "count": 0}]}}}',
+     "is damaged; delete {root} and rerun `dvc repro` (it lacks target/train)"),
+])
+def test_a_missing_or_damaged_meta_json_is_one_line_naming_it(tmp_path, meta, why):
+    if isinstance(meta, bytes):
+        (tmp_path / records.META_FILE).write_bytes(meta)
+    elif meta is not None:
+        (tmp_path / records.META_FILE).write_text(meta)
+    with pytest.raises(PipelineError) as error:
+        records.open_split(tmp_path, "target", "train")
+    assert str(error.value).startswith(f"{tmp_path / records.META_FILE} {why.format(root=tmp_path)}")
+    assert "\n" not in str(error.value)
+
+
+def test_a_full_disk_while_writing_a_shard_is_the_os_error_it_is(tmp_path):
+    """TensorFlow says "<file>; File too large": write_shard raises the OSError it is (outputs names it)."""
+    import errno
+    import resource
+
+    np.save(tmp_path / "images.npy", IMAGES)
+    np.save(tmp_path / "labels.npy", np.arange(COUNT))
+    job = records.ShardJob(tmp_path / "images.npy", tmp_path / "labels.npy", 0, COUNT, tmp_path / "shard", 32,
+                           "raw", 95)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, hard))  # a real refusal by the kernel: EFBIG
+    try:
+        with pytest.raises(OSError) as error:
+            records.write_shard(job)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert (error.value.errno, error.value.strerror, error.value.filename) == (
+        errno.EFBIG, "File too large", str(tmp_path / "shard"))
+    assert error.value.__suppress_context__
+
+
+def test_cpu_count_is_what_this_process_may_use():
+    import os
+
+    assert records.cpu_count() == len(os.sched_getaffinity(0)) >= 1
