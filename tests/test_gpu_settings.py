@@ -158,7 +158,7 @@ from transfer.config import Strategy, load_params
 from transfer.models import build_base, classifier
 from transfer.runtime import set_up
 from transfer.strategies import freeze
-from transfer.training import compile_model
+from transfer.fitting import compile_model
 
 training = load_params(Path(sys.argv[1])).training  # the shipped params: deterministic: true
 runtime = set_up(training.model_copy(update={"mixed_precision": "float16"}), 0)  # what a GPU computes in

@@ -14,6 +14,8 @@ import tensorflow as tf
 
 from transfer import records
 from transfer.errors import PipelineError
+from transfer.images import Storage, decode, encode, prepare, resize
+from transfer.sharding import ShardJob, cpu_count, shard_count, shard_name, write_shard
 
 COUNT = 40  # images in the split
 SHARDS = (0, 13, 26, 40)  # three shards, of unequal sizes
@@ -27,11 +29,11 @@ def write_split(root: Path, size: int = 32, encoding: str = "raw", quality: int 
     np.save(root / "_labels.npy", np.arange(COUNT))
     shards = []
     for shard, (start, stop) in enumerate(zip(SHARDS, SHARDS[1:])):
-        name = records.shard_name("train", shard, len(SHARDS) - 1)
-        job = records.ShardJob(root / "_images.npy", root / "_labels.npy", start, stop, root / "target" / name,
+        name = shard_name("train", shard, len(SHARDS) - 1)
+        job = ShardJob(root / "_images.npy", root / "_labels.npy", start, stop, root / "target" / name,
                                size, encoding, quality)
         job.destination.parent.mkdir(exist_ok=True)
-        assert records.write_shard(job) == stop - start
+        assert write_shard(job) == stop - start
         shards.append({"file": f"target/{name}", "count": stop - start})
     meta = meta or {"image_size": size, "encoding": encoding, "jpeg_quality": quality,
                     "classes": {"target": ["a", "b"]}, "splits": {"target/train": {"count": COUNT, "shards": shards}}}
@@ -52,21 +54,21 @@ def read(data) -> tuple[np.ndarray, np.ndarray, list[int]]:
 
 
 def test_shard_names_sort_in_order_and_say_how_many():
-    assert records.shard_name("train", 3, 12) == "train-00003-of-00012.tfrecord"
+    assert shard_name("train", 3, 12) == "train-00003-of-00012.tfrecord"
 
 
 def test_shard_count_aims_at_the_shard_size_with_16_images_at_least():
-    assert records.shard_count(10_000, 32, "raw", 10) == 4  # 30.72 MB in shards of 10 MB
-    assert records.shard_count(10_000, 299, "jpeg", 10) == 17  # 169.9 MB at 0.19 bytes a pixel
-    assert records.shard_count(100, 32, "raw", 0.001) == 6  # 100 // 16, not 308
-    assert records.shard_count(10, 32, "raw", 0.001) == 1
-    assert records.shard_count(32, 32, "raw", 0.001) == 2
+    assert shard_count(10_000, 32, "raw", 10) == 4  # 30.72 MB in shards of 10 MB
+    assert shard_count(10_000, 299, "jpeg", 10) == 17  # 169.9 MB at 0.19 bytes a pixel
+    assert shard_count(100, 32, "raw", 0.001) == 6  # 100 // 16, not 308
+    assert shard_count(10, 32, "raw", 0.001) == 1
+    assert shard_count(32, 32, "raw", 0.001) == 2
 
 
 def test_the_split_is_read_back_whole_and_exact(raw):
     assert (raw.count, raw.image_size, raw.encoding, raw.classes, raw.task, raw.name) == (
         COUNT, 32, "raw", ("a", "b"), "target", "train")
-    assert raw.storage == records.Storage(32, "raw", 95)
+    assert raw.storage == Storage(32, "raw", 95)
     records.check_shards(raw)
     images, labels, sizes = read(records.dataset(raw, 16))
     assert sorted(labels) == list(range(COUNT)) and labels.dtype == np.int64
@@ -116,22 +118,22 @@ def test_shards_of_resized_jpeg_images_hold_what_prepare_gives(tmp_path):
     split = write_split(tmp_path / "jpeg", size=48, encoding="jpeg", quality=80)
     images, labels, _ = read(records.dataset(split, 64))
     assert images.shape == (COUNT, 48, 48, 3)
-    storage = records.Storage(48, "jpeg", 80)
+    storage = Storage(48, "jpeg", 80)
     assert split.storage == storage
     for label in labels[:3]:
         png = tf.io.encode_png(IMAGES[label]).numpy()
-        np.testing.assert_array_equal(records.prepare(png, storage).numpy(), images[list(labels).index(label)])
+        np.testing.assert_array_equal(prepare(png, storage).numpy(), images[list(labels).index(label)])
     # The JPEG round trip stays near the resized pixels, and a lower quality moves them further.
-    resized = records.resize(IMAGES[labels], 48).astype(np.float32)
+    resized = resize(IMAGES[labels], 48).astype(np.float32)
     error = np.abs(images - resized).mean()
     assert 0 < error < 40  # random pixels are JPEG's worst case
-    low = records.decode(records.encode(records.resize(IMAGES[:1], 48)[0], "jpeg", 10), "jpeg", 48).numpy()
+    low = decode(encode(resize(IMAGES[:1], 48)[0], "jpeg", 10), "jpeg", 48).numpy()
     assert np.abs(low - resized[list(labels).index(0)]).mean() > error
 
 
 def test_resize_keeps_images_of_the_size_and_resizes_others_bilinearly():
-    assert records.resize(IMAGES, 32) is IMAGES
-    small = records.resize(IMAGES[:2], 16)
+    assert resize(IMAGES, 32) is IMAGES
+    small = resize(IMAGES[:2], 16)
     assert small.shape == (2, 16, 16, 3) and small.dtype == np.uint8
     # Halving with bilinear weights (no antialias) samples between pixel pairs: the mean of each 2x2 block,
     # rounded half to even as tf.round does (float32 arithmetic may land a half the other way).
@@ -139,28 +141,28 @@ def test_resize_keeps_images_of_the_size_and_resizes_others_bilinearly():
     difference = np.abs(small.astype(np.int64) - np.round(pairs).astype(np.int64))
     assert difference.max() <= 1 and (difference == 0).mean() > 0.99
     tiny = np.full((1, 2, 2, 3), 255, dtype=np.uint8)
-    assert records.resize(tiny, 4).max() == 255  # clipped and rounded, never wrapped to 0
+    assert resize(tiny, 4).max() == 255  # clipped and rounded, never wrapped to 0
 
 
 def test_raw_encoding_round_trips_bit_for_bit():
     image = IMAGES[0, :5, :5]
-    encoded = records.encode(image, "raw", 95)
+    encoded = encode(image, "raw", 95)
     assert encoded == image.tobytes()
-    np.testing.assert_array_equal(records.decode(encoded, "raw", 5).numpy(), image)
+    np.testing.assert_array_equal(decode(encoded, "raw", 5).numpy(), image)
 
 
 def test_prepare_of_a_raw_storage_is_the_resized_image():
     png = tf.io.encode_png(IMAGES[3]).numpy()
-    np.testing.assert_array_equal(records.prepare(png, records.Storage(32, "raw", 95)).numpy(), IMAGES[3])
-    np.testing.assert_array_equal(records.prepare(png, records.Storage(16, "raw", 95)).numpy(),
-                                  records.resize(IMAGES[3:4], 16)[0])
-    assert records.prepare(png, records.Storage(16, "raw", 95)).dtype == tf.float32
+    np.testing.assert_array_equal(prepare(png, Storage(32, "raw", 95)).numpy(), IMAGES[3])
+    np.testing.assert_array_equal(prepare(png, Storage(16, "raw", 95)).numpy(),
+                                  resize(IMAGES[3:4], 16)[0])
+    assert prepare(png, Storage(16, "raw", 95)).dtype == tf.float32
 
 
 def test_labels_of_names_a_record_outside_the_split_and_a_missing_index(tmp_path):
     meta = {"image_size": 32, "encoding": "raw", "jpeg_quality": 95, "classes": {"target": ["a"]},
             "splits": {"target/train": {"count": COUNT - 1, "shards": [
-                {"file": f"target/{records.shard_name('train', n, 3)}", "count": 1} for n in range(3)]}}}
+                {"file": f"target/{shard_name('train', n, 3)}", "count": 1} for n in range(3)]}}}
     split = write_split(tmp_path / "short", meta=meta)  # 40 records, meta.json says 39
     with pytest.raises(PipelineError) as error:
         records.labels_of(split)
@@ -222,13 +224,13 @@ def test_a_full_disk_while_writing_a_shard_is_the_os_error_it_is(tmp_path):
 
     np.save(tmp_path / "images.npy", IMAGES)
     np.save(tmp_path / "labels.npy", np.arange(COUNT))
-    job = records.ShardJob(tmp_path / "images.npy", tmp_path / "labels.npy", 0, COUNT, tmp_path / "shard", 32,
+    job = ShardJob(tmp_path / "images.npy", tmp_path / "labels.npy", 0, COUNT, tmp_path / "shard", 32,
                            "raw", 95)
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, hard))  # a real refusal by the kernel: EFBIG
     try:
         with pytest.raises(OSError) as error:
-            records.write_shard(job)
+            write_shard(job)
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     assert (error.value.errno, error.value.strerror, error.value.filename) == (
@@ -239,4 +241,4 @@ def test_a_full_disk_while_writing_a_shard_is_the_os_error_it_is(tmp_path):
 def test_cpu_count_is_what_this_process_may_use():
     import os
 
-    assert records.cpu_count() == len(os.sched_getaffinity(0)) >= 1
+    assert cpu_count() == len(os.sched_getaffinity(0)) >= 1
