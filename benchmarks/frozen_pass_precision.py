@@ -17,14 +17,11 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import keras
 import numpy as np
 
-from benchmarks.common import arguments, prepared, report
+from benchmarks.common import arguments, prepared, random_pretrained, report
 from transfer import strategies
 from transfer.config import load_params
-from transfer.models import build_base, classifier
-from transfer.paths import PRETRAINED_MODEL
 from transfer.runtime import cpu_flags, set_up
 from transfer.training import PRETRAINED, Run, open_task, train_classifier
 
@@ -43,11 +40,7 @@ def main() -> None:
                  "strategy": args.strategy}
     stages = ("download", "split", "preprocess", *(["pretrain"] if args.pretrain_epochs else []))
     if prepared("frozen_pass_precision", args, overrides, stages) and not args.pretrain_epochs:
-        keras.utils.set_random_seed(0)
-        model = classifier(build_base("inception_v3", args.image_size, "none"), "inception_v3", 5,
-                           load_params().model.head_units, 0.5, base_training=None)
-        PRETRAINED_MODEL.parent.mkdir(exist_ok=True)
-        model.save(PRETRAINED_MODEL)
+        random_pretrained("inception_v3", args.image_size)
     splits = open_task("target")
     params = load_params()
     chosen = params.chosen_strategy()
