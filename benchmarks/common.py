@@ -69,8 +69,10 @@ def prepared(name: str, args: argparse.Namespace, overrides: dict[str, object], 
 
 def random_pretrained(backbone: str, image_size: int, classes: int = 5) -> None:
     """Save a randomly initialised classifier (seed 0) where the pretrain stage saves its model, standing in for
-    it: at 299 px a 1-epoch pretrain from random weights leaves the target head at chance, random features
-    do not (they are small, so the head needs a larger learning rate than the reference 1e-3)."""
+    it without the pretrain stage's cost. Its features are small, so the head needs a larger
+    learning rate than the reference 1e-3 to learn at all: at 75 px, strategy 1 and 1e-2 it reached 27.4% test
+    accuracy (BENCHMARKS.md, bfloat16 for the frozen pass); at 299 px, strategy 2 and 1e-2 it stayed at
+    chance (BENCHMARKS.md, the reference resolution)."""
     import keras
 
     from transfer.config import load_params

@@ -17,8 +17,8 @@ What each field covers (all timings in this one process, after pretrain ran in i
   of them; rss_growth_slope_kib_per_image is the growth between those two counts over their difference,
   rss_growth_fixed_mib what is left at zero images (activations of a batch, traced functions, prefetch);
 - --pretrain-epochs 0: a randomly initialised classifier stands in for the pretrained model (see
-  common.random_pretrained); with --learning-rate 0.01 the head learns from its features, so the two
-  paths' test accuracies are well above chance and their difference means something.
+  common.random_pretrained, for when a head learns from its features: the accuracy difference between the
+  two paths says something only when both are well above chance).
 
 --fraction takes that share of every class of the CIFAR-10 archive, so train,
 val and test keep the pipeline's proportions (0.2: 4,500 target training
