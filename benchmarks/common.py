@@ -67,6 +67,25 @@ def prepared(name: str, args: argparse.Namespace, overrides: dict[str, object], 
     return True
 
 
+def random_pretrained(backbone: str, image_size: int, classes: int = 5) -> None:
+    """Save a randomly initialised classifier (seed 0) where the pretrain stage saves its model, standing in for
+    it without the pretrain stage's cost. Its features are small, so the head needs a larger
+    learning rate than the reference 1e-3 to learn at all: at 75 px, strategy 1 and 1e-2 it reached 27.4% test
+    accuracy (BENCHMARKS.md, bfloat16 for the frozen pass); at 299 px, strategy 2 and 1e-2 it stayed at
+    chance (BENCHMARKS.md, the reference resolution)."""
+    import keras
+
+    from transfer.config import load_params
+    from transfer.models import build_base, classifier
+    from transfer.paths import PRETRAINED_MODEL
+
+    keras.utils.set_random_seed(0)
+    model = classifier(build_base(backbone, image_size, "none"), backbone, classes, load_params().model.head_units,
+                       0.5, base_training=None)
+    PRETRAINED_MODEL.parent.mkdir(exist_ok=True)
+    model.save(PRETRAINED_MODEL)
+
+
 def run_stages(*names: str) -> None:
     """Run the named pipeline stages in order, in the working directory (a workspace), as dvc.yaml runs them.
 

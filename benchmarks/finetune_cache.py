@@ -1,21 +1,24 @@
 """Fine-tuning with the cached frozen prefix against the plain path: same data, epochs and seed.
 
     python -m benchmarks.finetune_cache [--fraction 0.2 --image-size 75 --epochs 10 --strategy 1]
-    python -m benchmarks.finetune_cache --image-size 299 --strategy 2 --fraction 0.02 --pretrain-epochs 1
+    python -m benchmarks.finetune_cache --image-size 299 --strategy 2 --fraction 0.02 --pretrain-epochs 0 \
+        --learning-rate 0.01 --repeats 3
 
-What each timing covers (all in this one process, after pretrain ran in its own):
+What each field covers (all timings in this one process, after pretrain ran in its own):
 - cached_seconds, plain_seconds: one whole train_classifier call: building the classifier (loading the
   pretrained model), for the cached run the one pass that writes the features to disk, training every
-  epoch, and evaluating train, val and test;
-- build_seconds: building the classifier and cutting its frozen prefix, timed on its own;
-- inference_seconds: one inference pass of the frozen prefix over every target image (train, val, test),
-  read from the TFRecords as the cache pass reads them, output discarded (tracing included, as in the
-  cache pass). limit_ratio = cached_seconds / inference_seconds; limit_ratio_without_build subtracts
-  build_seconds from the cached run.
-The cached run goes first, so that rss_growth_per_image_kib (the peak resident memory growth during the cached
-run, the cache pass and the epochs on its features, per cached image; Linux only) is not hidden by memory an
-earlier run left to TensorFlow's allocator; the inference pass comes right after it, so that both sides of
-limit_ratio share the machine's load; then the plain run.
+  epoch, and evaluating train, val and test. The cached run is repeated --repeats times (cached_seconds is
+  the median, cached_seconds_runs each run), then the plain run goes once; speedup = plain / median cached;
+- limit_ratio: a cached run's time over its own inference pass (the feature cache's `seconds`: the pass over
+  every target image and the writing), both timed inside the same call, so under the same load; at least 1
+  by construction. limit_ratio is the median over the repeats, limit_ratio_min/max and _runs the spread;
+- rss_growth: the peak resident memory growth of the cache pass (Linux VmHWM, reset when the pass starts),
+  each in a fresh process (benchmarks/cache_rss.py) over the first --rss-images target images and over all
+  of them; rss_growth_slope_kib_per_image is the growth between those two counts over their difference,
+  rss_growth_fixed_mib what is left at zero images (activations of a batch, traced functions, prefetch);
+- --pretrain-epochs 0: a randomly initialised classifier stands in for the pretrained model (see
+  common.random_pretrained, for when a head learns from its features: the accuracy difference between the
+  two paths says something only when both are well above chance).
 
 --fraction takes that share of every class of the CIFAR-10 archive, so train,
 val and test keep the pipeline's proportions (0.2: 4,500 target training
@@ -25,19 +28,15 @@ images, 500 val, 1,000 test; 1: all 30,000).
 from __future__ import annotations
 
 import dataclasses
+import statistics
 import time
 from pathlib import Path
 
-import tensorflow as tf
-
-from benchmarks.common import arguments, prepared, report
-from benchmarks.memory import peak_rss_growth
+from benchmarks.cache_rss import in_fresh_process
+from benchmarks.common import arguments, prepared, random_pretrained, report
 from transfer.config import load_params
-from transfer.feature_cache import inference_batch
-from transfer.models import computing_in, frozen_prefix
-from transfer.records import dataset
 from transfer.runtime import set_up
-from transfer.training import build_classifier, open_task, train_classifier
+from transfer.training import open_task, train_classifier
 from transfer.training_stage import run_for
 
 
@@ -47,65 +46,80 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=75)
     parser.add_argument("--fraction", type=float, default=0.2, help="share of every class of the archive")
     parser.add_argument("--epochs", type=int, default=10, help="fine-tuning epochs")
-    parser.add_argument("--pretrain-epochs", type=int, default=2)
+    parser.add_argument("--pretrain-epochs", type=int, default=2, help="0: a random classifier stands in")
     parser.add_argument("--strategy", type=int, default=1)
+    parser.add_argument("--learning-rate", type=float, help="finetune.learning_rate (default: params.yaml's)")
+    parser.add_argument("--repeats", type=int, default=3, help="cached runs, for the spread of limit_ratio")
+    parser.add_argument("--rss-images", type=int, help="the smaller image count of rss_growth "
+                                                       "(default: a quarter of the target images)")
     parser.add_argument("--frozen-pass", default="auto", choices=["auto", "float32", "bfloat16"],
                         help="dtype of the cache's inference pass (auto: bfloat16 on a CPU with AMX)")
     parser.add_argument("--workspace", type=Path,
                         help="reuse the records and pretrained model of an earlier run's workspace (its params)")
     args = parser.parse_args()
-    prepared("finetune_cache", args, {
-        "model.backbone": args.backbone, "model.weights": "none", "preprocess.image_size": args.image_size,
-        "pretrain.epochs": args.pretrain_epochs, "finetune.epochs": args.epochs, "strategy": args.strategy,
-    }, ("download", "split", "preprocess", "pretrain"))
+    overrides = {"model.backbone": args.backbone, "model.weights": "none", "preprocess.image_size": args.image_size,
+                 "pretrain.epochs": max(1, args.pretrain_epochs), "finetune.epochs": args.epochs,
+                 "strategy": args.strategy,
+                 **({"finetune.learning_rate": args.learning_rate} if args.learning_rate else {})}
+    stages = ("download", "split", "preprocess", *(["pretrain"] if args.pretrain_epochs else []))
+    if prepared("finetune_cache", args, overrides, stages) and not args.pretrain_epochs:
+        random_pretrained(args.backbone, args.image_size)
+    workspace = Path.cwd()
 
     splits = open_task("target")
     params = load_params()
-    results = {}
-    for cache in (True, False):
+    settings = run_for("finetune", params).settings
+    total = sum(split.count for split in splits.values())
+    counts = sorted({args.rss_images or total // 4, total})
+    rss = [in_fresh_process(workspace, images) for images in counts]
+
+    def one_run(cache: bool) -> tuple[float, object]:
         runtime = set_up(params.training, params.finetune.seed)
         if args.frozen_pass != "auto":
             runtime = dataclasses.replace(runtime, frozen_pass_bfloat16=args.frozen_pass == "bfloat16")
         # No checkpoints: the comparison is of training, not of saving models.
         run = dataclasses.replace(run_for("finetune", params), cache_features=cache, checkpoints=False)
         started = time.perf_counter()
-        result, growth = peak_rss_growth(lambda: train_classifier(run, splits, params, runtime))  # noqa: B023
-        results[cache] = (time.perf_counter() - started, result)
-        if cache:  # right after the cached run, so that both sides of limit_ratio share the machine's load
-            assert result.feature_cache["storage"] == "disk", result.feature_cache
-            rss_growth = growth
-            started = time.perf_counter()
-            prefix = frozen_prefix(build_classifier(run, params, len(splits["train"].classes), args.image_size))[0]
-            build_seconds = time.perf_counter() - started
-            if runtime.frozen_pass_bfloat16:
-                prefix = computing_in(prefix, "mixed_bfloat16")
-            inference_seconds = one_pass(prefix, splits, inference_batch(args.image_size))
-    (cached_seconds, cached), (plain_seconds, plain) = results[True], results[False]
+        result = train_classifier(run, splits, params, runtime)
+        return time.perf_counter() - started, result
 
+    cached_runs = [one_run(True) for _ in range(args.repeats)]
+    for _, result in cached_runs:
+        assert result.feature_cache["storage"] == "disk", result.feature_cache
+    plain_seconds, plain = one_run(False)
+
+    cached_times = [seconds for seconds, _ in cached_runs]
+    limits = [seconds / result.feature_cache["seconds"] for seconds, result in cached_runs]
+    cached = cached_runs[0][1]
+    cached_seconds = statistics.median(cached_times)
     cached_accuracy, plain_accuracy = cached.evaluation["test"]["accuracy"], plain.evaluation["test"]["accuracy"]
-    images = cached.feature_cache["images"]
     report({"benchmark": "finetune_cache", "backbone": args.backbone, "image_size": args.image_size,
             "strategy": args.strategy, "epochs": args.epochs, "fraction": args.fraction,
+            "learning_rate": settings.learning_rate,
+            "pretrained": f"{args.pretrain_epochs} epochs" if args.pretrain_epochs else "random weights",
             **{f"{name}_images": split.count for name, split in splits.items()},
-            "feature_cache": cached.feature_cache,
+            "feature_cache": cached.feature_cache, "repeats": args.repeats,
             "plain_seconds": round(plain_seconds, 1), "cached_seconds": round(cached_seconds, 1),
-            "build_seconds": round(build_seconds, 1), "inference_seconds": round(inference_seconds, 1),
+            "cached_seconds_runs": [round(seconds, 1) for seconds in cached_times],
+            "cache_pass_seconds_runs": [result.feature_cache["seconds"] for _, result in cached_runs],
             "speedup": round(plain_seconds / cached_seconds, 2),
-            "limit_ratio": round(cached_seconds / inference_seconds, 3),
-            "limit_ratio_without_build": round((cached_seconds - build_seconds) / inference_seconds, 3),
-            "rss_growth_per_image_kib": None if rss_growth is None else round(rss_growth / 1024 / images, 1),
+            "limit_ratio": round(statistics.median(limits), 3), "limit_ratio_min": round(min(limits), 3),
+            "limit_ratio_max": round(max(limits), 3), "limit_ratio_runs": [round(limit, 3) for limit in limits],
+            **rss_fields(rss),
             "plain_test_accuracy": plain_accuracy, "cached_test_accuracy": cached_accuracy,
+            "cached_test_accuracy_runs": [result.evaluation["test"]["accuracy"] for _, result in cached_runs],
             "accuracy_difference_points": round(100 * (cached_accuracy - plain_accuracy), 2)})
 
 
-def one_pass(prefix, splits: dict, batch_size: int) -> float:
-    """Seconds for the prefix to run over every split once, batches as the cache reads them."""
-    step = tf.function(lambda images: prefix(images, training=False), reduce_retracing=True)
-    started = time.perf_counter()
-    for split in splits.values():
-        for images, _ in dataset(split, batch_size):
-            [part.numpy() for part in tf.nest.flatten(step(images))]
-    return time.perf_counter() - started
+def rss_fields(rss: list[dict]) -> dict:
+    """The growth at each image count, and the line through the first and last: slope and fixed part."""
+    fields = {"rss_growth": [{"images": r["images"], "peak_rss_growth_mib": r["peak_rss_growth_mib"]} for r in rss]}
+    if len(rss) < 2 or any(r["peak_rss_growth_mib"] is None for r in rss):
+        return fields  # one image count, or not on Linux: no line
+    (few, few_mib), (many, many_mib) = [(r["images"], r["peak_rss_growth_mib"]) for r in (rss[0], rss[-1])]
+    slope_mib = (many_mib - few_mib) / (many - few)
+    return {**fields, "rss_growth_slope_kib_per_image": round(1024 * slope_mib, 1),
+            "rss_growth_fixed_mib": round(few_mib - slope_mib * few, 1)}
 
 
 if __name__ == "__main__":

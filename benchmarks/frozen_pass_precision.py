@@ -7,8 +7,7 @@ the dtype the frozen prefix computes in (features are stored in float16 either w
 
 --workspace reuses a folder that benchmarks.finetune_cache left (its records and pretrained model) instead
 of building a new one. --pretrain-epochs 0 skips pretraining: a randomly initialised InceptionV3 classifier
-stands in for the pretrained model (its random features separate the classes well above chance, which a
-1-epoch pretrain at 299 px does not).
+stands in for the pretrained model (see common.random_pretrained for when a head learns from it).
 pass_speedup is the float32 pass's time over the bfloat16 pass's (>1: bfloat16 faster).
 """
 
@@ -17,13 +16,10 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import keras
 import numpy as np
 
-from benchmarks.common import arguments, prepared, report
+from benchmarks.common import arguments, prepared, random_pretrained, report
 from transfer.config import load_params
-from transfer.models import build_base, classifier
-from transfer.paths import PRETRAINED_MODEL
 from transfer.runtime import cpu_flags, set_up
 from transfer.training import open_task, train_classifier
 from transfer.training_stage import run_for
@@ -43,11 +39,7 @@ def main() -> None:
                  "strategy": args.strategy}
     stages = ("download", "split", "preprocess", *(["pretrain"] if args.pretrain_epochs else []))
     if prepared("frozen_pass_precision", args, overrides, stages) and not args.pretrain_epochs:
-        keras.utils.set_random_seed(0)
-        model = classifier(build_base("inception_v3", args.image_size, "none"), "inception_v3", 5,
-                           load_params().model.head_units, 0.5, base_training=None)
-        PRETRAINED_MODEL.parent.mkdir(exist_ok=True)
-        model.save(PRETRAINED_MODEL)
+        random_pretrained("inception_v3", args.image_size)
     splits = open_task("target")
     params = load_params()
     results = {}
