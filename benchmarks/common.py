@@ -69,21 +69,50 @@ def prepared(name: str, args: argparse.Namespace, overrides: dict[str, object], 
 
 def random_pretrained(backbone: str, image_size: int, classes: int = 5) -> None:
     """Save a randomly initialised classifier (seed 0) where the pretrain stage saves its model, standing in for
-    it without the pretrain stage's cost. Its features are small, so the head needs a larger
-    learning rate than the reference 1e-3 to learn at all: at 75 px, strategy 1 and 1e-2 it reached 27.4% test
-    accuracy (BENCHMARKS.md, bfloat16 for the frozen pass); at 299 px, strategy 2 and 1e-2 it stayed at
-    chance (BENCHMARKS.md, the reference resolution)."""
+    it without the pretrain stage's cost, its BatchNormalization statistics measured on a batch of the source
+    task's training images (calibrate_batchnorm), so that a head can learn from its features."""
     import keras
 
     from transfer.config import load_params
     from transfer.models import build_base, classifier
-    from transfer.paths import PRETRAINED_MODEL
+    from transfer.paths import PRETRAINED_MODEL, RECORDS
+    from transfer.records import dataset, open_split
 
     keras.utils.set_random_seed(0)
     model = classifier(build_base(backbone, image_size, "none"), backbone, classes, load_params().model.head_units,
                        0.5, base_training=None)
+    images, _ = next(iter(dataset(open_split(RECORDS, "source", "train"), CALIBRATION_IMAGES)))
+    calibrate_batchnorm(model, images)
     PRETRAINED_MODEL.parent.mkdir(exist_ok=True)
     model.save(PRETRAINED_MODEL)
+
+
+CALIBRATION_IMAGES = 32
+
+
+def calibrate_batchnorm(model, images) -> None:
+    """Make every BatchNormalization layer's moving statistics those of `images` (pixels as `model` takes them),
+    in one forward pass in training mode.
+
+    A random network's statistics (mean 0, variance 1) do not match its activations: through InceptionV3 they
+    shrink layer after layer to pooled features of about 2e-4 at 299 px, nearly the same for every image, and a
+    head stays at chance (BENCHMARKS.md, the reference resolution). With measured statistics the features are of
+    order 0.1 to 1 and keep what tells the images apart: a stand-in for trained weights where ImageNet's cannot be
+    downloaded (tests/test_reference_resolution.py uses it too)."""
+    import keras
+
+    def every_layer(layer):
+        yield layer
+        for inner in getattr(layer, "layers", ()):
+            yield from every_layer(inner)
+
+    norms = [layer for layer in every_layer(model) if isinstance(layer, keras.layers.BatchNormalization)]
+    momenta = [norm.momentum for norm in norms]
+    for norm in norms:
+        norm.momentum = 0.0  # this batch's statistics replace the moving ones
+    model(images, training=True)
+    for norm, momentum in zip(norms, momenta):
+        norm.momentum = momentum
 
 
 def run_stages(*names: str) -> None:

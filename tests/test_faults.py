@@ -24,6 +24,7 @@ import pytest
 from helpers import copy_project, finish, make_project, run, set_params, sources, start, write_learnable_archive
 
 from benchmarks import kill_sweep, timed_repro
+from transfer.outputs import recover
 from transfer.records import check_shards, open_split
 
 EPOCHS = 5
@@ -79,8 +80,11 @@ def kill_after_an_epoch(project: Path, stage: str, sent: int = signal.SIGKILL) -
     wait_until(lambda: epochs_checkpointed(project / "checkpoints" / stage) >= 1, job, "a checkpointed epoch")
     os.killpg(job.pid, sent)
     result = finish(job)
+    # A stop between the two renames that make a new checkpoint current leaves the old one aside: the next start
+    # puts it back (or moves the new one in) before it reads anything, as checkpoints.resume does; so here.
+    recover(project / "checkpoints" / stage / "latest")
     done = epochs_checkpointed(project / "checkpoints" / stage)
-    assert 1 <= done < EPOCHS
+    assert 1 <= done < EPOCHS, (done, result.returncode, result.stderr[-2000:])
     return result
 
 

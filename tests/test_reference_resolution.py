@@ -23,6 +23,7 @@ import pytest
 import tensorflow as tf
 from helpers import make_project, run, set_params
 
+from benchmarks.common import calibrate_batchnorm
 from transfer.cifar10 import read_archive
 from transfer.models import build_base
 from transfer.paths import CHECKPOINTS
@@ -48,13 +49,10 @@ def calibrated_inception(archive: Path, path: Path, per_class: int = 1) -> Path:
     """A random InceptionV3 base whose BatchNormalization statistics are those of the archive's training images
     (per_class of each class, at 299 px), saved as a weights file for model.weights."""
     base = build_base("inception_v3", 299, "none")
-    for layer in base.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            layer.momentum = 0.0  # one batch's statistics become the moving ones
     data = read_archive(archive)
     chosen = np.concatenate([np.flatnonzero(data.train_labels == c)[:per_class] for c in range(len(data.class_names))])
     images = tf.image.resize(data.train_images[chosen].astype("float32"), (299, 299))
-    base(keras.applications.inception_v3.preprocess_input(images), training=True)
+    calibrate_batchnorm(base, keras.applications.inception_v3.preprocess_input(images))  # the base takes -1..1
     path.parent.mkdir(parents=True, exist_ok=True)
     base.save_weights(path)
     return path

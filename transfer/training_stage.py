@@ -39,7 +39,7 @@ def finish(run: Run, result: Result, runtime: Runtime, started: float, strategy:
     """End a training stage that started at `started` (time.perf_counter()): its history CSV, its metrics JSON
     (see metrics_report) and its checkpoint, now done. Only the chief writes: None on the other workers."""
     if not runtime.chief:
-        print(f"{run.stage}: training done; the chief writes the outputs")
+        print(f"{run.stage}: training done; the chief evaluates and writes the outputs")
         return None
     write_history(history_file(run.stage), result.progress.history)
     report = metrics_report(result, strategy, runtime, time.perf_counter() - started, baseline)
