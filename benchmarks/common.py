@@ -104,10 +104,7 @@ def calibrate_batchnorm(model, images) -> None:
     downloaded (tests/test_reference_resolution.py uses it too)."""
     import keras
 
-    def every_layer(layer):
-        yield layer
-        for inner in getattr(layer, "layers", ()):
-            yield from every_layer(inner)
+    from transfer.models import every_layer
 
     norms = [layer for layer in every_layer(model) if isinstance(layer, keras.layers.BatchNormalization)]
     momenta = [norm.momentum for norm in norms]

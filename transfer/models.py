@@ -209,3 +209,9 @@ def computing_in(model: keras.Model, policy: str) -> keras.Model:
     copy = keras.models.clone_model(model, clone_function=with_policy, recursive=True)
     copy.set_weights(model.get_weights())
     return copy
+
+
+def every_layer(model: keras.Model) -> list[keras.layers.Layer]:
+    """Every layer of `model`, those of nested models (the base) too."""
+    return [inner for layer in model.layers
+            for inner in ([layer, *every_layer(layer)] if isinstance(layer, keras.Model) else [layer])]

@@ -22,7 +22,7 @@ import keras
 import tensorflow as tf
 
 from transfer.images import prepare
-from transfer.models import Description, computing_in
+from transfer.models import Description, computing_in, every_layer
 
 SAVED_MODEL = "saved_model"
 TFLITE_FILE = "model.tflite"
@@ -33,17 +33,11 @@ PIXELS_SIGNATURE = "pixels"
 
 def export(model: keras.Model, description: Description, folder: Path) -> None:
     """Write folder/saved_model, folder/model.tflite and folder/labels.txt, computing in float32."""
-    if any(layer.compute_dtype != "float32" for layer in _layers(model)):
+    if any(layer.compute_dtype != "float32" for layer in every_layer(model)):
         model = computing_in(model, "float32")
     write_saved_model(model, description, folder / SAVED_MODEL)
     (folder / TFLITE_FILE).write_bytes(tflite_model(folder / SAVED_MODEL))
     (folder / LABELS_FILE).write_text("".join(f"{name}\n" for name in description.classes))
-
-
-def _layers(model: keras.Model) -> list[keras.layers.Layer]:
-    """Every layer of `model`, those of nested models too."""
-    return [inner for layer in model.layers for inner in ([layer, *_layers(layer)] if isinstance(layer, keras.Model)
-                                                           else [layer])]
 
 
 def write_saved_model(model: keras.Model, description: Description, path: Path) -> None:
