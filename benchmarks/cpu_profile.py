@@ -4,7 +4,8 @@
 
 Clones `--rev` of this checkout into --workdir with `../shared` beside it (a link to this checkout's
 ../shared), runs `dvc exp run -n cpu-profile $(cat profiles/cpu.args)` there under /usr/bin/time, then one
-`dvc exp run` per --extra (more overrides on top of the profile's, e.g. all labels or another strategy), and
+`dvc exp run` per --extra (more overrides on top of the profile's, e.g. all labels or another strategy; each
+starts from the committed params.yaml), and
 prints each run's wall and CPU seconds (user+sys: what a loaded machine inflates least), the load average
 before and after, the training stages' own wall and train seconds, and their test accuracies.
 """
@@ -48,7 +49,8 @@ def stages(project: Path) -> dict:
         metrics = json.loads((project / "metrics" / f"{stage}.json").read_text())
         found[stage] = {"wall_seconds": metrics["timing"]["wall_seconds"],
                         "train_seconds": metrics["timing"]["train_seconds"],
-                        "test_accuracy": metrics["test"]["accuracy"]}
+                        "test_accuracy": metrics["test"]["accuracy"], "strategy": metrics["strategy"],
+                        "train_images": metrics.get("train_images")}
     return found
 
 
@@ -72,6 +74,8 @@ def main() -> None:
              "stages": stages(project)}]
     for index, extra in enumerate(args.extra):
         name = f"extra-{index}"
+        # dvc exp run leaves the last experiment's params in the workspace: each extra is the profile and itself.
+        subprocess.run(["git", "checkout", "-q", "--", "params.yaml"], cwd=project, check=True)
         runs.append({**timed(f"{COMMAND.format(name=name)} {extra}", project, folder / f"{name}.log"),
                      "stages": stages(project)})
     report({"benchmark": "cpu_profile", "commit": commit[:7], "cores": os.cpu_count(), "runs": runs})
