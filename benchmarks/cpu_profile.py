@@ -2,8 +2,8 @@
 
     python -m benchmarks.cpu_profile [--rev HEAD] [--extra '-S strategy=2']...
 
-Clones `--rev` of this checkout into --workdir with `../shared` beside it (a link to this checkout's
-../shared), runs `dvc exp run -n cpu-profile $(cat profiles/cpu.args)` there under /usr/bin/time, then one
+Clones `--rev` of this checkout into --workdir with `../shared` beside it (a link to --shared, by default this
+checkout's ../shared), runs `dvc exp run -n cpu-profile $(cat profiles/cpu.args)` there under /usr/bin/time, then one
 `dvc exp run` per --extra (more overrides on top of the profile's, e.g. all labels or another strategy; each
 starts from the committed params.yaml), and
 prints each run's wall and CPU seconds (user+sys: what a loaded machine inflates least), the load average
@@ -58,11 +58,12 @@ def main() -> None:
     parser = arguments(__doc__)
     parser.add_argument("--rev", default="HEAD", help="the commit to clone")
     parser.add_argument("--extra", action="append", default=[], help="overrides for one more experiment")
+    parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared", help="what ../shared links to")
     args = parser.parse_args()
     folder = args.workdir / "cpu_profile"
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    (folder / "shared").symlink_to((ROOT.parent / "shared").resolve())
+    (folder / "shared").symlink_to(args.shared.resolve())
     project = folder / "clone"
     subprocess.run(["git", "clone", "-q", str(ROOT), str(project)], check=True)
     commit = subprocess.run(["git", "rev-parse", args.rev], cwd=ROOT, check=True, capture_output=True,
