@@ -31,7 +31,7 @@ LONGEST_FIRST = ("test_faults.py", "test_gpu_settings.py", "test_label_efficienc
                  "test_workflow.py", "test_models.py", "test_batchnorm.py", "test_distribute.py",
                  "test_reproducibility.py", "test_readme_cpu_profile.py", "test_reference_resolution.py",
                  "test_live.py", "test_checkpoints.py", "test_kept_epoch.py", "test_pipeline.py",
-                 "test_packaging.py", "test_model_product.py")
+                 "test_packaging.py", "test_model_product.py", "test_records.py", "test_resize.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -65,7 +65,7 @@ def loss_scale_state(model_file: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def gpu_run(tmp_path_factory, tiny_archive) -> tuple[Path, dict, int]:
-    """(the project after a killed and resumed pretrain and `dvc repro` to the end, the loss-scale state of the
+    """(the project after a killed and resumed pretrain and `dvc repro` through export, the loss-scale state of the
     checkpoint the resumed run started from, the epochs it had done).
 
     A tiny run's loss scale may never leave its initial 2**15, or halve after the resume at the same step as a
@@ -85,7 +85,7 @@ def gpu_run(tmp_path_factory, tiny_archive) -> tuple[Path, dict, int]:
     optimizer.step_counter.assign(PLANTED["counter"])
     model.save(checkpoints / "latest/model.keras")
     saved = loss_scale_state(checkpoints / "latest/model.keras")
-    result = run(["dvc", "repro"], project)
+    result = run(["dvc", "repro", "export"], project)  # figures (a stage process, 6 CPU-s) reads nothing tested here
     assert f"resuming from checkpoints/pretrain after epoch {done}" in result.stdout
     return project, saved, done
 

@@ -217,9 +217,10 @@ def main() -> None:
     points = grid(sweep, args.labels.split(","), args.strategies.split(","), args.seeds.split(","))
     if args.run:
         print(f"label_efficiency: sweep {sweep}, {len(points)} experiments")
-        # Queued experiments start from the workspace: bring its pipeline up to date with the same
-        # overrides first, so that every experiment finds pretrain done in the cache and reruns finetune alone.
-        dvc("exp", "run", *extra)
+        # Queued experiments start from the workspace: bring its pretrain up to date with the same overrides
+        # first, so that every experiment finds pretrain done in the cache and reruns baseline and finetune alone
+        # (the workspace's own baseline, finetune, figures and export would be no point of the sweep).
+        dvc("exp", "run", *extra, "pretrain")
         queue(points, extra)
         run_queue(args.jobs)
     table = collect(json.loads(dvc("exp", "show", "--json")), points, args.skip_failed)
