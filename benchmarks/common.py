@@ -67,13 +67,21 @@ def prepared(name: str, args: argparse.Namespace, overrides: dict[str, object], 
     return True
 
 
-def random_pretrained(backbone: str, image_size: int, classes: int = 5) -> None:
-    """Save a randomly initialised classifier (seed 0) where the pretrain stage saves its model, standing in for
-    it without the pretrain stage's cost, its BatchNormalization statistics measured on a batch of the source
-    task's training images (calibrate_batchnorm), so that its features are not vanishingly small. Whether a head
-    learns from them depends on the data and the settings: on the tests' colour-coded images at 299 px it does
-    (tests/test_reference_resolution.py); on 2% of CIFAR-10 at 75 px, strategy 1, 5 epochs at 1e-3 it stayed
-    at chance (finetune_cache, test accuracy 0.19, commit 0530e08)."""
+def pretrained_stand_in(backbone: str, image_size: int, trained: bool, weights_from: Path | None = None,
+                        classes: int = 5) -> None:
+    """Where the pretrain stage saves its model: that model (trained), or a classifier standing in for it without
+    the pretrain stage's cost: randomly initialised (seed 0), or with the weights of the model file weights_from,
+    pretrained at any image size (InceptionV3's weights do not depend on it). Either way with its
+    BatchNormalization statistics measured on CALIBRATION_IMAGES of the source task's training images
+    (calibrate_batchnorm), at this image size.
+
+    A random base needs it so that its features are not vanishingly small; a base pretrained a few epochs from
+    random weights needs it because its moving statistics still lag its weights: on 5% of CIFAR-10 at 75 px, 8
+    epochs in, its source validation accuracy was 0.19 with them and 0.32 with measured ones, and a linear head on
+    its target features reached 0.44 (chance 0.2). Measuring again changes nothing: the statistics of the same
+    images in training mode do not depend on the moving ones. Whether a head learns from a random base depends
+    on the data: on the tests' colour-coded images at 299 px it does (tests/test_reference_resolution.py); on 2%
+    of CIFAR-10 at 75 px, strategy 1, it stayed at chance (finetune_cache, test accuracy 0.19, commit 0530e08)."""
     import keras
 
     from transfer.config import load_params
@@ -81,21 +89,28 @@ def random_pretrained(backbone: str, image_size: int, classes: int = 5) -> None:
     from transfer.paths import PRETRAINED_MODEL, RECORDS
     from transfer.records import dataset, open_split
 
-    keras.utils.set_random_seed(0)
-    model = classifier(build_base(backbone, image_size, "none"), backbone, classes, load_params().model.head_units,
-                       0.5, base_training=None)
+    if trained:
+        model = keras.models.load_model(PRETRAINED_MODEL)
+    else:
+        keras.utils.set_random_seed(0)
+        model = classifier(build_base(backbone, image_size, "none"), backbone, classes,
+                           load_params().model.head_units, 0.5, base_training=None)
+        if weights_from is not None:
+            model.set_weights(keras.models.load_model(weights_from).get_weights())
     images, _ = next(iter(dataset(open_split(RECORDS, "source", "train"), CALIBRATION_IMAGES)))
-    calibrate_batchnorm(model, images)
+    calibrate_batchnorm(model, images, batch_size=CALIBRATION_BATCH_PIXELS // image_size**2)
     PRETRAINED_MODEL.parent.mkdir(exist_ok=True)
     model.save(PRETRAINED_MODEL)
 
 
-CALIBRATION_IMAGES = 32
+CALIBRATION_IMAGES = 256
+CALIBRATION_BATCH_PIXELS = 256 * 75 * 75  # a forward pass in training mode holds a batch's activations
 
 
-def calibrate_batchnorm(model, images) -> None:
+def calibrate_batchnorm(model, images, batch_size: int | None = None) -> None:
     """Make every BatchNormalization layer's moving statistics those of `images` (pixels as `model` takes them),
-    in one forward pass in training mode.
+    in forward passes in training mode: all at once, or over batches of batch_size, averaging each batch's mean
+    and variance (momentum (k - 1) / k for the k-th batch; the first one sets them).
 
     A random network's statistics (mean 0, variance 1) do not match its activations: through InceptionV3 they
     shrink layer after layer to pooled features of about 2e-4 at 299 px, nearly the same for every image, and a
@@ -108,9 +123,11 @@ def calibrate_batchnorm(model, images) -> None:
 
     norms = [layer for layer in every_layer(model) if isinstance(layer, keras.layers.BatchNormalization)]
     momenta = [norm.momentum for norm in norms]
-    for norm in norms:
-        norm.momentum = 0.0  # this batch's statistics replace the moving ones
-    model(images, training=True)
+    size = batch_size or len(images)
+    for k, start in enumerate(range(0, len(images), size), start=1):
+        for norm in norms:
+            norm.momentum = (k - 1) / k
+        model(images[start:start + size], training=True)
     for norm, momentum in zip(norms, momenta):
         norm.momentum = momentum
 

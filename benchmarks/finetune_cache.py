@@ -16,9 +16,11 @@ What each field covers (all timings in this one process, after pretrain ran in i
   each in a fresh process (benchmarks/cache_rss.py) over the first --rss-images target images and over all
   of them; rss_growth_slope_kib_per_image is the growth between those two counts over their difference,
   rss_growth_fixed_mib what is left at zero images (activations of a batch, traced functions, prefetch);
-- --pretrain-epochs 0: a randomly initialised classifier stands in for the pretrained model (see
-  common.random_pretrained, for when a head learns from its features: the accuracy difference between the
-  two paths says something only when both are well above chance).
+- pretrained model: the pretrain stage's after --pretrain-epochs, or with --pretrain-epochs 0 a randomly
+  initialised classifier; either way its BatchNormalization statistics are then measured on source training
+  images (common.pretrained_stand_in, which says why, and when a head learns from its features: the accuracy
+  difference between the two paths says something only when both are well above chance). With --workspace
+  the statistics are measured again, which leaves them as they were.
 
 --fraction takes that share of every class of the CIFAR-10 archive, so train,
 val and test keep the pipeline's proportions (0.2: 4,500 target training
@@ -33,7 +35,7 @@ import time
 from pathlib import Path
 
 from benchmarks.cache_rss import in_fresh_process
-from benchmarks.common import arguments, prepared, random_pretrained, report
+from benchmarks.common import arguments, prepared, pretrained_stand_in, report
 from transfer.config import load_params
 from transfer.runtime import set_up
 from transfer.training import open_task, train_classifier
@@ -47,6 +49,9 @@ def main() -> None:
     parser.add_argument("--fraction", type=float, default=0.2, help="share of every class of the archive")
     parser.add_argument("--epochs", type=int, default=10, help="fine-tuning epochs")
     parser.add_argument("--pretrain-epochs", type=int, default=2, help="0: a random classifier stands in")
+    parser.add_argument("--pretrained-from", type=Path,
+                        help="with --pretrain-epochs 0: the weights of this pretrained model file (another "
+                             "workspace's models/pretrained.keras, any image size) instead of random ones")
     parser.add_argument("--strategy", type=int, default=1)
     parser.add_argument("--learning-rate", type=float, help="finetune.learning_rate (default: params.yaml's)")
     parser.add_argument("--repeats", type=int, default=3, help="cached runs, for the spread of limit_ratio")
@@ -62,8 +67,10 @@ def main() -> None:
                  "strategy": args.strategy,
                  **({"finetune.learning_rate": args.learning_rate} if args.learning_rate else {})}
     stages = ("download", "split", "preprocess", *(["pretrain"] if args.pretrain_epochs else []))
-    if prepared("finetune_cache", args, overrides, stages) and not args.pretrain_epochs:
-        random_pretrained(args.backbone, args.image_size)
+    pretrained_from = args.pretrained_from and args.pretrained_from.resolve()  # before moving to the workspace
+    prepared("finetune_cache", args, overrides, stages)
+    pretrained_stand_in(args.backbone, args.image_size, trained=bool(args.pretrain_epochs),
+                        weights_from=pretrained_from)
     workspace = Path.cwd()
 
     splits = open_task("target")
@@ -96,7 +103,8 @@ def main() -> None:
     report({"benchmark": "finetune_cache", "backbone": args.backbone, "image_size": args.image_size,
             "strategy": args.strategy, "epochs": args.epochs, "fraction": args.fraction,
             "learning_rate": settings.learning_rate,
-            "pretrained": f"{args.pretrain_epochs} epochs" if args.pretrain_epochs else "random weights",
+            "pretrained": (f"{args.pretrain_epochs} epochs" if args.pretrain_epochs else
+                           f"weights of {args.pretrained_from}" if args.pretrained_from else "random weights"),
             **{f"{name}_images": split.count for name, split in splits.items()},
             "feature_cache": cached.feature_cache, "repeats": args.repeats,
             "plain_seconds": round(plain_seconds, 1), "cached_seconds": round(cached_seconds, 1),

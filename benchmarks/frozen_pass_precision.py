@@ -7,7 +7,7 @@ the dtype the frozen prefix computes in (features are stored in float16 either w
 
 --workspace reuses a folder that benchmarks.finetune_cache left (its records and pretrained model) instead
 of building a new one. --pretrain-epochs 0 skips pretraining: a randomly initialised InceptionV3 classifier
-stands in for the pretrained model (see common.random_pretrained for when a head learns from it).
+stands in for the pretrained model (see common.pretrained_stand_in for when a head learns from it).
 pass_speedup is the float32 pass's time over the bfloat16 pass's (>1: bfloat16 faster).
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import arguments, prepared, random_pretrained, report
+from benchmarks.common import arguments, prepared, pretrained_stand_in, report
 from transfer.config import load_params
 from transfer.runtime import cpu_flags, set_up
 from transfer.training import open_task, train_classifier
@@ -39,7 +39,7 @@ def main() -> None:
                  "strategy": args.strategy}
     stages = ("download", "split", "preprocess", *(["pretrain"] if args.pretrain_epochs else []))
     if prepared("frozen_pass_precision", args, overrides, stages) and not args.pretrain_epochs:
-        random_pretrained("inception_v3", args.image_size)
+        pretrained_stand_in("inception_v3", args.image_size, trained=False)
     splits = open_task("target")
     params = load_params()
     results = {}

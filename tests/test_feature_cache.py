@@ -166,7 +166,8 @@ def test_the_cache_lives_where_dvc_never_tracks_it(tmp_path):
 def test_a_disk_too_small_for_the_cache_trains_through_the_base_end_to_end(tmp_path, finished_project):
     """The finetune stage itself, with checkpoints/ (where the cache goes) on a 64 MiB tmpfs: less than
     DISK_MARGIN free, so the stage must say why, train through the base and still finish. Mounting needs root,
-    which these machines and their CI have; elsewhere the test says so and the measurement tests above remain."""
+    which these machines and their CI have; elsewhere the test says so and the measurement tests above remain.
+    Unlike them it notices the free space measured on another filesystem than the cache's (on / it fails)."""
     import json
     import subprocess
 

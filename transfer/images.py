@@ -35,7 +35,11 @@ def resize(images: np.ndarray, size: int) -> np.ndarray:
 
 
 def resize_tensor(images: tf.Tensor, size: int) -> tf.Tensor:
-    """resize in TensorFlow ops, so that a serving graph resizes exactly as the preprocess stage did."""
+    """resize in TensorFlow ops, so that a serving graph resizes exactly as the preprocess stage did.
+
+    Bilinear with pixel centres at +0.5, antialias off (tf.image.resize's default): antialiasing only widens the
+    filter when shrinking, so CIFAR-10's 32 px grown to 75 or 299 is the same either way (tests/test_resize.py
+    checks it against Pillow's bilinear resize); a larger image given to `prepare` is shrunk without it."""
     import tensorflow as tf
 
     resized = tf.image.resize(tf.cast(images, tf.float32), (size, size), method="bilinear")
