@@ -55,7 +55,9 @@ def baseline(params: Params) -> Strategy:
 
 
 def describe(number: int, strategy: Strategy, backbone: str) -> str:
-    """Strategy `number` in words, for legends and reports: "2: head + last 2 of small_cnn's 7 base layers"."""
+    """Strategy `number` in words, for legends and reports: "2: head + last 2 of small_cnn's 7 base layers"; a warm
+    head names its phases: "3: head only for 5 epochs, then head + inception_v3's base layers 249 on (of 311),
+    learning_rate 0.0001, optimizer sgd, momentum 0.9" (the settings after the phases are the second's)."""
     layers = BASE_LAYERS[backbone]
     first = first_trainable_layer(strategy, backbone)
     if first == 0:
@@ -68,6 +70,9 @@ def describe(number: int, strategy: Strategy, backbone: str) -> str:
         trains = f"head + last {layers - first} of {backbone}'s {layers} base layers"
     if strategy.base_weights == "random" and first > 0:
         trains = f"random base, {trains}"
-    overrides = [f"{name} {value}" for name in ("epochs", "batch_size", "learning_rate")
+    if strategy.head_epochs:
+        rate = "" if strategy.head_learning_rate is None else f" at learning_rate {strategy.head_learning_rate}"
+        trains = f"head only for {strategy.head_epochs} epochs{rate}, then {trains}"
+    overrides = [f"{name} {value}" for name in ("epochs", "batch_size", "learning_rate", "optimizer", "momentum")
                  if (value := getattr(strategy, name)) is not None]
     return ", ".join([f"{number}: {trains}", *overrides])
