@@ -16,7 +16,7 @@ phase), one kept epoch over both phases, evaluated.
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -26,7 +26,7 @@ import tensorflow as tf
 
 from transfer import checkpoints, feature_cache
 from transfer.checkpoints import Checkpoints, Progress
-from transfer.config import BASE_LAYERS, FreezingRule, Keep, Optimisation, Params, Strategy
+from transfer.config import Keep, Optimisation, Params, Strategy
 from transfer.evaluation import EVAL_BATCH, evaluate_splits
 from transfer.feature_cache import inference_batch
 from transfer.fitting import checkpoint, compile_model, fit, new_optimizer
@@ -35,7 +35,7 @@ from transfer.models import base_of, build_base, classifier, count_params, load_
 from transfer.paths import PRETRAINED_MODEL, RECORDS, SPLITS, feature_cache_folder
 from transfer.records import Split, check_shards, dataset, epochs, labels_of, open_split
 from transfer.runtime import Runtime, global_batch
-from transfer.strategies import freeze
+from transfer.strategies import Phase, freeze, phases
 
 PRETRAINED = "pretrained"  # Run.init: start from the pretrain stage's model
 # Where a run's base starts: the pretrain stage's model, ImageNet's weights, random weights, or a weights file.
@@ -55,10 +55,6 @@ class Run:
     labels_per_class: int | None = None  # train on a class-balanced subset of the training split
     cache_features: bool = False  # run the frozen prefix once and train the rest on its output
     checkpoints: bool = True  # resume an interrupted run and checkpoint every epoch (benchmarks turn it off)
-    optimizer: str = "rmsprop"  # of the strategy's layers (config.OPTIMIZERS), at settings.learning_rate
-    momentum: float | None = None  # sgd's
-    head_epochs: int = 0  # a warm head: the head alone trains this many epochs before the strategy's layers
-    head_learning_rate: float | None = None  # ... at this rate (None: settings.learning_rate)
 
 
 @dataclass
@@ -92,31 +88,6 @@ class _Fitted:
     feature_cache: dict  # how the frozen prefix's output was cached (feature_cache.describe), or why not
 
 
-@dataclass(frozen=True)
-class _Phase:
-    """Part of a run with one freezing rule and one optimizer: a warm-head run has two, any other run one."""
-
-    number: int | None  # the history's `phase` column; None: the one phase of a run without a warm head
-    rule: FreezingRule | None  # which base layers train; None: the whole network
-    start: int  # the run's epochs before the phase
-    until: int  # the run's epochs at the phase's end
-    learning_rate: float
-    optimizer: str  # config.OPTIMIZERS
-    momentum: float | None = None
-
-
-def phases(run: Run, backbone: str) -> list[_Phase]:
-    """The run's phases: the head alone for run.head_epochs (if any) at run.head_learning_rate with RMSprop, then
-    the strategy's layers for run.settings.epochs at its learning rate with run.optimizer (the Keras recipe)."""
-    settings = run.settings
-    strategy = _Phase(None, run.strategy, 0, settings.epochs, settings.learning_rate, run.optimizer, run.momentum)
-    if not run.head_epochs:
-        return [strategy]
-    head_only = FreezingRule(frozen_base_layers=BASE_LAYERS[backbone])
-    return [_Phase(1, head_only, 0, run.head_epochs, run.head_learning_rate or settings.learning_rate, "rmsprop"),
-            replace(strategy, number=2, start=run.head_epochs, until=run.head_epochs + settings.epochs)]
-
-
 def train_classifier(run: Run, splits: dict[str, Split], params: Params, runtime: Runtime) -> Result:
     """Build, freeze, train on `splits` (see open_task) phase by phase, resuming an interrupted run of the same
     stage, and evaluate. The feature cache's folder is gone when this returns, or raises."""
@@ -132,7 +103,7 @@ def train_classifier(run: Run, splits: dict[str, Split], params: Params, runtime
                                                                            run.seed)
         counts = {name: split.count if name != "train" or keep is None else int(keep.sum())
                   for name, split in splits.items()}
-        steps = phases(run, params.model.backbone)
+        steps = phases(run.strategy, run.settings, params.finetune.learning_rate, params.model.backbone)
         progress = None  # a run without a warm head resumes where it trains through the base, as it always has
         if len(steps) > 1:  # a warm head is checkpointed at the end of phase 1 whichever way it trains
             model, progress = _resume(run, model, resumable, runtime)
@@ -168,7 +139,7 @@ def _resume(run: Run, model: keras.Model, resumable: Checkpoints | None,
     return resumed, progress
 
 
-def _train_phase(run: Run, phase: _Phase, model: keras.Model, splits: dict[str, Split], keep: np.ndarray | None,
+def _train_phase(run: Run, phase: Phase, model: keras.Model, splits: dict[str, Split], keep: np.ndarray | None,
                  counts: dict[str, int], batch: int, params: Params, runtime: Runtime,
                  resumable: Checkpoints | None, progress: Progress | None, last: bool) -> _Fitted:
     """Train one phase on cached features where its freezing rule leaves a frozen prefix, else through the base."""
@@ -189,7 +160,7 @@ def _train_phase(run: Run, phase: _Phase, model: keras.Model, splits: dict[str, 
     return fitted
 
 
-def _through_base(run: Run, phase: _Phase, model: keras.Model, splits: dict[str, Split], keep: np.ndarray | None,
+def _through_base(run: Run, phase: Phase, model: keras.Model, splits: dict[str, Split], keep: np.ndarray | None,
                   counts: dict[str, int], batch: int, params: Params, runtime: Runtime,
                   resumable: Checkpoints | None, progress: Progress | None, last: bool) -> _Fitted:
     """Train the whole classifier on the images, checkpointing every epoch; without `progress` (a run without a
@@ -208,7 +179,7 @@ def _through_base(run: Run, phase: _Phase, model: keras.Model, splits: dict[str,
     return _Fitted(model, model, data, progress, None)
 
 
-def _on_features(run: Run, phase: _Phase, model: keras.Model, cut: tuple[keras.Model, keras.Model],
+def _on_features(run: Run, phase: Phase, model: keras.Model, cut: tuple[keras.Model, keras.Model],
                  splits: dict[str, Split], keep: np.ndarray | None, counts: dict[str, int], batch: int,
                  params: Params, runtime: Runtime, progress: Progress, last: bool) -> _Fitted:
     """Run the frozen prefix once over every split, then train the suffix on its cached output. No checkpoint:

@@ -22,8 +22,7 @@ def run_for(stage: TrainingStage, params: Params) -> Run:
     """What `stage` asks of the trainer, from the params: pretrain trains on the source task from
     model.weights with pretrain's freezing rule; baseline on the target task from random weights with
     strategies.0; finetune on the target task from models/pretrained.keras (or random weights, as its
-    base_weights says) with strategies[strategy]; a strategy's warm head (head_epochs) trains at its
-    head_learning_rate, or finetune's learning_rate."""
+    base_weights says) with strategies[strategy] (its phases: transfer/strategies.py's phases)."""
     if stage == "pretrain":
         freezing = strategies.pretraining(params)
         weights = params.model.weights
@@ -32,10 +31,7 @@ def run_for(stage: TrainingStage, params: Params) -> Run:
     strategy = strategies.baseline(params) if stage == "baseline" else params.chosen_strategy()
     return Run(stage, PRETRAINED if strategy.base_weights == "pretrained" else "none", strategy,
                strategies.settings(params.finetune, strategy), params.finetune.seed,
-               labels_per_class=params.data.target_labels_per_class, cache_features=params.finetune.cache_features,
-               optimizer=strategy.optimizer or "rmsprop", momentum=strategy.momentum,
-               head_epochs=strategy.head_epochs,
-               head_learning_rate=strategy.head_learning_rate or params.finetune.learning_rate)
+               labels_per_class=params.data.target_labels_per_class, cache_features=params.finetune.cache_features)
 
 
 def finish(run: Run, result: Result, runtime: Runtime, started: float, strategy: int | None,
