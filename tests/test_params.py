@@ -123,8 +123,10 @@ def test_the_cpu_profile_defines_strategies_for_small_cnn(tmp_path):
     params = load_params(profiled)
     names = [strategies.describe(number, strategy, "small_cnn") for number, strategy in params.strategies.items()]
     assert params.model.backbone == "small_cnn"
+    # -S merges an entry: strategy 3 is params.yaml's recipe with small_cnn's cut.
     assert names == ["0: from scratch", "1: head only", "2: head + last 2 of small_cnn's 7 base layers",
-                     "3: head + small_cnn's base layers 3 on (of 7), learning_rate 0.0001"]
+                     "3: head only for 5 epochs, then head + small_cnn's base layers 3 on (of 7), "
+                     "learning_rate 0.0001, optimizer sgd, momentum 0.9"]
     (tmp_path / "tiny").mkdir()
     assert params.strategies == load_params(params_copy(tmp_path / "tiny", TINY_PARAMS)).strategies
 
@@ -138,6 +140,8 @@ DESCRIPTIONS = [
      "3: head + inception_v3's base layers 249 on (of 311), learning_rate 0.0001"),
     (4, Strategy(trainable_base_layers=7, epochs=3), "small_cnn", "4: head + the whole base, epochs 3"),
     (5, Strategy(frozen_base_layers=0), "small_cnn", "5: head + the whole base"),
+    (6, Strategy(trainable_base_layers=2, head_epochs=2, head_learning_rate=0.01), "small_cnn",
+     "6: head only for 2 epochs at learning_rate 0.01, then head + last 2 of small_cnn's 7 base layers"),
     (6, Strategy(base_weights="random", trainable_base_layers=0), "small_cnn", "6: random base, head only"),
 ]
 

@@ -4,7 +4,8 @@
 
 It asks the dvc CLI itself: `dvc metrics diff --all --json`, `dvc params diff --md`
 and `dvc plots diff --json`. Without --target the workspace is compared (what
-`dvc exp run` just produced). The metrics lead with a headline table, readable in
+`dvc exp run` just produced). A line names the fine-tuning strategy of each side with its phases
+(a warm head, then the strategy's layers). The metrics lead with a headline table, readable in
 seconds: for every metrics file (stage) with a change, its HEADLINE metrics, changed
 or not. Every other changed metric follows in collapsed <details> sections
 (per-class scores, timing, the rest), in the same columns as `dvc metrics diff --md`.
@@ -22,8 +23,10 @@ from collections import defaultdict
 from pathlib import Path
 
 from tools.dvc import dvc
+from transfer.config import PARAMS_FILE, Strategy
 from transfer.errors import run_stage
 from transfer.outputs import remove, write_text
+from transfer.strategies import describe
 
 
 def changed_plots(plots: dict, order: list[str], report_dir: Path) -> tuple[list[str], dict[str, list]]:
@@ -98,17 +101,39 @@ def _shown(value: object) -> str:
     return str(round(value, PRECISION) if isinstance(value, float) else value)
 
 
+def strategy_headline(params: dict, base: str, target: str) -> str | None:
+    """Which fine-tuning strategy each side ran, named with its phases (transfer.strategies.describe), from
+    `dvc params diff --all --json` output; None when params.yaml names none (or not one that validates)."""
+    named = {}
+    for side, rev in (("old", base), ("new", target)):
+        values = {key: change.get(side) for key, change in params.get(str(PARAMS_FILE), {}).items()}
+        entry = {key.split(".", 2)[2]: value for key, value in values.items()
+                 if key.startswith(f"strategies.{values.get('strategy')}.") and value is not None}
+        try:
+            named[rev] = describe(values["strategy"], Strategy.model_validate(entry), values["model.backbone"])
+        except (KeyError, ValueError):  # a side without the strategy's params: nothing to name
+            continue
+    if not named:
+        return None
+    if len(set(named.values())) == 1:
+        return f"**Fine-tuning strategy**: {next(iter(named.values()))}"
+    return "**Fine-tuning strategy**: " + "; ".join(f"`{rev}`: {text}" for rev, text in named.items())
+
+
 def build_report(base: str, target: str | None, output: Path) -> str:
     revs = [base] if target is None else [base, target]
     shown = f"`{target}`" if target else "this change"
     diff = json.loads(dvc("metrics", "diff", *revs, "--all", "--json") or "{}")
     metrics = metrics_tables(diff, base, target or "workspace")
+    strategy = strategy_headline(json.loads(dvc("params", "diff", *revs, "--all", "--json") or "{}"), base,
+                                 target or "workspace")
     params = dvc("params", "diff", *revs, "--md").strip()
     folder = output.parent / f"{output.stem}_plots"
     remove(folder)  # images of an earlier report must not pass for this one's
     plots = json.loads(dvc("plots", "diff", *revs, "--json", "-o", str(folder)) or "{}").get("data", {})
     data_plots, images = changed_plots(plots, [*revs, "workspace"], output.parent)
-    lines = [f"## Pipeline report: {shown} against `{base}`", "", "### Metrics", "",
+    lines = [f"## Pipeline report: {shown} against `{base}`", "", *([strategy, ""] if strategy else []),
+             "### Metrics", "",
              metrics, "", "### Params", "", params or "No param changed.", "",
              "### Plots", ""]
     if data_plots:

@@ -41,6 +41,9 @@ class Progress:
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     images_seen: int = 0
+    # training.keep=best: the whole classifier's weights (get_weights() order) of the best epoch so far; saved
+    # beside state.json (BEST_WEIGHTS), not in it.
+    best: list[np.ndarray] | None = field(default=None, repr=False, compare=False)
 
     @property
     def epochs_done(self) -> int:
@@ -186,6 +189,7 @@ def _load(checkpoints: Checkpoints) -> tuple[keras.Model, Progress]:
             expected = [weight.shape for weight in model.get_weights()]
             if weights is None or [weight.shape for weight in weights] != expected:
                 raise ValueError("its weights do not fit the model")
+            progress.best = weights
         except Exception as error:  # np.load raises BadZipFile, EOFError, ValueError... for a damaged file
             raise _Unusable(f"{latest / BEST_WEIGHTS} is damaged ({_first_line(error)})") from None
     print(f"resuming from {checkpoints.folder} after epoch {progress.epochs_done}")
@@ -209,7 +213,7 @@ def save(checkpoints: Checkpoints, model: keras.Model, progress: Progress,
             np.savez(latest / BEST_WEIGHTS, *best_weights)
         state = {"identity": checkpoints.identity, "random_state": _random_state(model),
                  "global_batch": checkpoints.global_batch, "best_weights": best_weights is not None,
-                 **progress.__dict__}
+                 **{name: value for name, value in vars(progress).items() if name != "best"}}
         (latest / "state.json").write_text(json.dumps(state, indent=2))
 
 

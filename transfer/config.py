@@ -152,13 +152,34 @@ class Pretrain(Optimisation, FreezingRule):
     """pretrain's settings; a freezing rule other than trainable_base_layers: all caches the frozen part."""
 
 
+OPTIMIZERS = ("rmsprop", "sgd")  # what a strategy may name (transfer/fitting.py's new_optimizer builds them)
+
+
 class Strategy(FreezingRule):
-    """How much of the pretrained base trains, and optional finetune overrides."""
+    """How much of the pretrained base trains, and optional finetune overrides.
+
+    A warm head (head_epochs > 0) trains the head alone first, for head_epochs at head_learning_rate (finetune's
+    learning_rate if not given) with RMSprop; then the strategy's layers train for its epochs at its learning rate
+    with its optimizer: the two phases of the Keras fine-tuning recipe (transfer/training.py).
+    """
 
     base_weights: Literal["pretrained", "random"] = "pretrained"
     epochs: PositiveInt | None = None
     batch_size: PositiveInt | None = None
     learning_rate: PositiveFloat | None = None
+    optimizer: Literal[OPTIMIZERS] | None = None  # type: ignore[valid-type]  # None: RMSprop, as finetune trains
+    momentum: Annotated[float, Field(ge=0, lt=1, strict=False)] | None = None  # sgd only; none given: 0
+    head_epochs: Annotated[int, Field(ge=0)] = 0
+    head_learning_rate: PositiveFloat | None = None
+
+    @model_validator(mode="after")
+    def _momentum_is_sgds(self) -> Strategy:
+        if self.momentum is not None and self.optimizer != "sgd":
+            raise ValueError(f"momentum: only sgd takes a momentum, this strategy's optimizer is "
+                             f"{self.optimizer or 'rmsprop (the default)'}")
+        if self.head_learning_rate is not None and not self.head_epochs:
+            raise ValueError("head_learning_rate: set head_epochs too (without a warm head it is unused)")
+        return self
 
 
 class Export(Section):

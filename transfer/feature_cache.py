@@ -53,6 +53,9 @@ SHUFFLE_BYTES = 256 << 20  # at most this many bytes of stored records wait in t
 DISK_MARGIN = 1 << 30  # left free on the disk after the cache is written
 BATCH_PIXELS = 128 * 75 * 75  # images per inference batch x their area: 128 at 75 px, 8 at 299 px
 CYCLE = 4  # shards read at once by a training epoch
+# How much slower the other path is, as measured (BENCHMARKS.md, InceptionV3, whole fine-tunes): 10.2x at 75 px on all
+# of CIFAR-10 (10 epochs), 2.85x at 299 px on a hundredth (5 epochs, the cache pass dominating).
+SLOWER = "slower: the frozen layers run every epoch; 2.9x to 10x in BENCHMARKS.md's measurements"
 
 
 class NoRoom(Exception):
@@ -139,7 +142,7 @@ def plan(model: keras.Model, wanted: bool, images: int, folder: Path,
     if cut is None:
         return None, not_cached("the whole base trains: nothing is frozen to cache")
     if reason := room_for(cut[0], images, folder):
-        print(f"{stage}: {reason}; training through the base instead (about 10x slower)")
+        print(f"{stage}: {reason}; training through the base instead ({SLOWER})")
         return None, not_cached(reason)
     return cut, None
 

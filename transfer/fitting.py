@@ -14,7 +14,7 @@ import tensorflow as tf
 from tqdm import tqdm
 
 from transfer import checkpoints
-from transfer.checkpoints import Checkpoints, Progress, best_weights
+from transfer.checkpoints import Checkpoints, Progress
 from transfer.config import Keep, Training
 from transfer.keras_workarounds import let_keras_fit_across_replicas
 from transfer.models import save_model
@@ -24,9 +24,20 @@ from transfer.reports import write_history
 from transfer.runtime import Runtime, by_batch
 
 
+def new_optimizer(name: str, learning_rate: float, momentum: float | None = None) -> keras.optimizers.Optimizer:
+    """A strategy's optimizer (config.OPTIMIZERS): RMSprop, or SGD with `momentum` (the Keras fine-tuning recipe's
+    second phase: SGD at 1e-4, momentum 0.9)."""
+    if name == "sgd":
+        return keras.optimizers.SGD(learning_rate, momentum=momentum or 0.0)
+    if name == "rmsprop":
+        return keras.optimizers.RMSprop(learning_rate)
+    raise ValueError(f"optimizer: {name!r} is not one of rmsprop, sgd")
+
+
 def compile_model(model: keras.Model, learning_rate: float, training: Training, runtime: Runtime,
                   optimizer: keras.optimizers.Optimizer | None = None) -> None:
-    """(Re)compile in the strategy's scope; needed after every change of `trainable`.
+    """(Re)compile in the strategy's scope; needed after every change of `trainable`. Without an `optimizer`
+    (a resumed one, or a strategy's new_optimizer): RMSprop at `learning_rate`.
 
     The learning rate is used as given whatever the number of replicas (see docs/scaling-out.md).
     """
@@ -43,18 +54,19 @@ def compile_model(model: keras.Model, learning_rate: float, training: Training, 
 
 class EpochRecorder(keras.callbacks.Callback):
     """Record each epoch in `progress` and print it (under a progress bar on a terminal); keep the best epoch's
-    weights when training.keep=best; publish the latest epoch of stage `live` in its metrics file (which
+    weights (in progress.best, of `whole`: the whole classifier when fit() trains its suffix) when
+    training.keep=best; publish the latest epoch of stage `live` in its metrics file (which
     `dvc exp show` reads while the experiment runs) and its curve so far in its history CSV (which
-    `dvc plots` reads); checkpoint model and progress when given checkpoints."""
+    `dvc plots` reads); checkpoint model and progress when given checkpoints. `phase`: a warm-head run's
+    phase (1: the head alone, 2: the strategy's layers), recorded in each epoch's history entry."""
 
     def __init__(self, progress: Progress, epochs: int, images_per_epoch: int, checkpoints: Checkpoints | None,
-                 runtime: Runtime, keep: Keep = "last", live: str | None = None):
+                 runtime: Runtime, keep: Keep = "last", live: str | None = None, phase: int | None = None,
+                 whole: keras.Model | None = None):
         super().__init__()
         self.progress, self.epochs, self.images_per_epoch = progress, epochs, images_per_epoch
         self.checkpoints, self.runtime, self.keep, self.live = checkpoints, runtime, keep, live
-        # A resumed run continues with the best weights its checkpoint kept.
-        resumed = keep == "best" and checkpoints is not None and progress.epochs_done > 0
-        self.best_weights = best_weights(checkpoints) if resumed else None
+        self.phase, self.whole = phase, whole
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self.started = time.perf_counter()
@@ -72,39 +84,48 @@ class EpochRecorder(keras.callbacks.Callback):
         self.progress.seconds += seconds
         self.progress.images_seen += self.images_per_epoch
         logs = {name: float(value) for name, value in (logs or {}).items()}
-        self.progress.history.append({"epoch": epoch + 1, **logs})
+        phase = {} if self.phase is None else {"phase": self.phase}
+        self.progress.history.append({"epoch": epoch + 1, **phase, **logs})
         shown = " - ".join(f"{name} {value:.4f}" for name, value in logs.items())
-        print(f"epoch {epoch + 1}/{self.epochs} - {seconds:.1f} s - {shown}", flush=True)
+        during = "" if self.phase is None else f" (phase {self.phase}: {'head' if self.phase == 1 else 'strategy'})"
+        print(f"epoch {epoch + 1}/{self.epochs}{during} - {seconds:.1f} s - {shown}", flush=True)
         if self.keep == "best" and self.progress.kept_epoch("best") == epoch + 1:
-            self.best_weights = self.model.get_weights()
+            self.progress.best = (self.whole or self.model).get_weights()
         if self.live is not None:
             # Replaced by the stage's metrics when it ends; read_metrics refuses a file that is still live.
             write_json(metrics_file(self.live), {"live": {"epoch": epoch + 1, "epochs": self.epochs, **logs}})
             write_history(history_file(self.live), self.progress.history)  # the stage ends with the same file
-        if self.checkpoints is None:
-            return
-        if self.runtime.chief:
-            checkpoints.save(self.checkpoints, self.model, self.progress, self.best_weights)
-        else:  # saving is collective across workers; only the chief's copy is kept
-            save_model(self.model, self.checkpoints.folder / "model.keras", self.runtime)
+        if self.checkpoints is not None:
+            checkpoint(self.checkpoints, self.model, self.progress, self.runtime)
 
     def restore_kept(self) -> None:
         """Leave the model with the weights of the epoch training.keep names."""
         if self.keep == "best" and self.progress.kept_epoch("best") < self.progress.epochs_done:
-            self.model.set_weights(self.best_weights)
+            (self.whole or self.model).set_weights(self.progress.best)
+
+
+def checkpoint(saved: Checkpoints, model: keras.Model, progress: Progress, runtime: Runtime) -> None:
+    """Checkpoint `model` (the whole classifier) and `progress`; only the chief's copy is kept."""
+    if runtime.chief:
+        checkpoints.save(saved, model, progress, progress.best)
+    else:  # saving is collective across workers
+        save_model(model, saved.folder / "model.keras", runtime)
 
 
 def fit(model: keras.Model, epoch_data: Callable[[int], tf.data.Dataset], val_data: tf.data.Dataset, epochs: int,
         progress: Progress, images_per_epoch: int, runtime: Runtime, checkpoints: Checkpoints | None = None,
-        keep: Keep = "last", live: str | None = None) -> Progress:
+        keep: Keep = "last", live: str | None = None, phase: int | None = None, whole: keras.Model | None = None,
+        restore: bool = True) -> Progress:
     """Train until `epochs` in total, continuing after progress.epochs_done; only the chief keeps checkpoints.
-    The model ends with the weights of the epoch `keep` names (training.keep: best or last).
+    The model (`whole`, when `model` is its trainable suffix) ends with the weights of the epoch `keep` names
+    (training.keep: best or last) of all of progress.history, unless `restore` is False (a phase that another
+    follows: the next starts from the last epoch).
 
     `epoch_data(e)` is epoch e's training data, batched at the global batch size (Keras splits every
     batch across the replicas). One fit() call per epoch, so that each epoch reads its own data,
     whatever epoch a resumed run starts from. `live`: the stage whose metrics and history show each epoch.
     """
-    recorder = EpochRecorder(progress, epochs, images_per_epoch, checkpoints, runtime, keep, live)
+    recorder = EpochRecorder(progress, epochs, images_per_epoch, checkpoints, runtime, keep, live, phase, whole)
     recorder.set_model(model)
     with runtime.distribution.scope():
         if runtime.replicas > 1 and progress.epochs_done < epochs:
@@ -113,5 +134,6 @@ def fit(model: keras.Model, epoch_data: Callable[[int], tf.data.Dataset], val_da
             model.fit(by_batch(epoch_data(epoch)), validation_data=by_batch(val_data), initial_epoch=epoch,
                       epochs=epoch + 1, callbacks=[recorder], verbose=0,
                       shuffle=False)  # datasets shuffle themselves
-        recorder.restore_kept()
+        if restore:
+            recorder.restore_kept()
     return progress

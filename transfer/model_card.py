@@ -29,6 +29,9 @@ def model_card(description: Description, params: Params, finetune: dict, baselin
     kept = finetune.get("kept_epoch")  # written since the kept-epoch choice (training.keep); older runs kept the last
     keep = finetune.get("keep", "last")
     kept_text = f"epoch {kept} of {epochs} (keep: {keep})" if kept is not None else f"the last of {epochs} epochs"
+    if (head_epochs := params.chosen_strategy().head_epochs) and kept is not None:  # a warm head: which phase
+        kept_text += f", in phase {1 if kept <= head_epochs else 2} ({head_epochs} epochs of the head alone, then " \
+                     f"{epochs - head_epochs} of the strategy's layers)"
     source = ", ".join(pretrain["test"]["per_class"])
     lines = [
         metadata(f"cifar10-{backbone}-{'-'.join(classes)}", classes, params.export.license, test["accuracy"]),

@@ -12,8 +12,9 @@ from transfer.outputs import write_text
 
 
 def write_history(path: Path, history: list[dict]) -> None:
-    """Loss and accuracy per epoch, one row each, for DVC's plots."""
-    columns = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy"]
+    """Loss and accuracy per epoch, one row each, for DVC's plots; a warm-head run's rows say their phase."""
+    phases = ["phase"] if any("phase" in entry for entry in history) else []
+    columns = ["epoch", *phases, "loss", "accuracy", "val_loss", "val_accuracy"]
     rows = [",".join(columns)]
     rows += [",".join(f"{entry.get(column, float('nan')):.6g}" for column in columns) for entry in history]
     write_text(path, "\n".join(rows) + "\n")

@@ -22,7 +22,7 @@ def run_for(stage: TrainingStage, params: Params) -> Run:
     """What `stage` asks of the trainer, from the params: pretrain trains on the source task from
     model.weights with pretrain's freezing rule; baseline on the target task from random weights with
     strategies.0; finetune on the target task from models/pretrained.keras (or random weights, as its
-    base_weights says) with strategies[strategy]."""
+    base_weights says) with strategies[strategy] (its phases: transfer/strategies.py's phases)."""
     if stage == "pretrain":
         freezing = strategies.pretraining(params)
         weights = params.model.weights
