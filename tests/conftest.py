@@ -27,8 +27,8 @@ if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
 # The suite runs on two pytest-xdist workers (pyproject.toml), one module at a time each (--dist loadscope: a
 # module's tests share its fixtures and some run in order). Modules start in this order, the longest first, so
 # that neither worker is left with a long one at the end while the other idles; the others follow by name.
-LONGEST_FIRST = ("test_faults.py", "test_gpu_settings.py", "test_label_efficiency.py", "test_experiments.py",
-                 "test_workflow.py", "test_models.py", "test_batchnorm.py", "test_distribute.py",
+LONGEST_FIRST = ("test_faults.py", "test_gpu_settings.py", "test_label_efficiency.py", "test_warm_head.py",
+                 "test_experiments.py", "test_workflow.py", "test_models.py", "test_batchnorm.py", "test_distribute.py",
                  "test_reproducibility.py", "test_readme_cpu_profile.py", "test_reference_resolution.py",
                  "test_live.py", "test_checkpoints.py", "test_kept_epoch.py", "test_pipeline.py",
                  "test_packaging.py", "test_model_product.py", "test_records.py", "test_resize.py")

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from transfer.cifar10 import Cifar10, read_archive, write_archive
 from transfer.config import CIFAR10_CLASSES
@@ -157,3 +162,20 @@ def run_stage(stage: str, cwd: Path, check: bool = False) -> subprocess.Complete
 
 def last_line(result: subprocess.CompletedProcess) -> str:
     return result.stderr.strip().splitlines()[-1]
+
+
+def wait_until(condition: Callable[[], object], process, what: str, timeout: float = 240) -> None:
+    """Poll until `condition` holds; fail (and stop `process`) if the process ends first or it takes too long."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process.poll() is not None or time.monotonic() > deadline:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+            result = finish(process)
+            pytest.fail(f"never saw {what}; exit code {result.returncode}\n{result.stdout}\n{result.stderr}")
+        time.sleep(0.02)
+
+
+def epochs_checkpointed(folder: Path) -> int:
+    state = folder / "latest" / "state.json"
+    return len(json.loads(state.read_text())["history"]) if state.is_file() else 0

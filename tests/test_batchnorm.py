@@ -34,7 +34,8 @@ def project(tmp_path_factory, tiny_archive):
     folder = make_project(tmp_path_factory.mktemp("batchnorm") / "p", tiny_archive,
                           {"model.backbone": "inception_v3", "preprocess.image_size": 75, "model.head_units": 128,
                            "finetune.epochs": 1, "finetune.batch_size": 64,
-                           "strategies.2.trainable_base_layers": 10, "strategies.3.frozen_base_layers": 249},
+                           "strategies.2.trainable_base_layers": 10, "strategies.3.frozen_base_layers": 249,
+                           "strategies.3.head_epochs": 1},  # the recipe's warm head, one epoch of it
                           git=False)
     for stage in ("download", "split", "preprocess"):
         run_stage(stage, folder, check=True)

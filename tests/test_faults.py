@@ -14,14 +14,23 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import psutil
 import pytest
-from helpers import copy_project, finish, make_project, run, set_params, sources, start, write_learnable_archive
+from helpers import (
+    copy_project,
+    epochs_checkpointed,
+    finish,
+    make_project,
+    run,
+    set_params,
+    sources,
+    start,
+    wait_until,
+    write_learnable_archive,
+)
 
 from benchmarks import kill_sweep, timed_repro
 from transfer.outputs import recover
@@ -29,23 +38,6 @@ from transfer.records import check_shards, open_split
 
 EPOCHS = 5
 INTERRUPTED = "error: interrupted; nothing was recorded as done, rerun `dvc repro`"
-
-
-def wait_until(condition: Callable[[], object], process, what: str, timeout: float = 240) -> None:
-    """Poll until `condition` holds; fail (and stop `process`) if the process ends first or it takes too long."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if process.poll() is not None or time.monotonic() > deadline:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
-            result = finish(process)
-            pytest.fail(f"never saw {what}; exit code {result.returncode}\n{result.stdout}\n{result.stderr}")
-        time.sleep(0.02)
-
-
-def epochs_checkpointed(folder: Path) -> int:
-    state = folder / "latest" / "state.json"
-    return len(json.loads(state.read_text())["history"]) if state.is_file() else 0
 
 
 def history_epochs(project: Path, stage: str) -> list[int]:

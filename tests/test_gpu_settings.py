@@ -21,8 +21,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from helpers import ROOT, finish, make_project, run, start
-from test_faults import epochs_checkpointed, wait_until
+from helpers import ROOT, epochs_checkpointed, finish, make_project, run, start, wait_until
 
 from transfer.records import dataset, open_split
 

@@ -16,8 +16,18 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-from helpers import copy_project, finish, make_project, run, run_stage, set_params, start, write_learnable_archive
-from test_faults import epochs_checkpointed, wait_until
+from helpers import (
+    copy_project,
+    epochs_checkpointed,
+    finish,
+    make_project,
+    run,
+    run_stage,
+    set_params,
+    start,
+    wait_until,
+    write_learnable_archive,
+)
 
 from transfer.errors import PipelineError
 from transfer.outputs import recover
