@@ -8,6 +8,9 @@ import pytest
 import tensorflow as tf
 
 from transfer import feature_cache
+from transfer.config import Strategy
+from transfer.models import base_of, build_base, classifier, count_params, frozen_prefix
+from transfer.strategies import freeze
 
 IMAGES = 40  # labels are the image indices, so an image's record can be found in any order
 
@@ -253,3 +256,41 @@ def test_computing_in_bfloat16_keeps_the_weights_and_says_so(tmp_path):
     want = prefix(np.ones((3, 6, 6, 3), np.float32))[1].numpy()
     assert not np.array_equal(got, want.astype(np.float16).astype(np.float32))  # computed in bfloat16
     np.testing.assert_allclose(got, want, rtol=0.05, atol=0.05)
+
+
+def small_classifier(trainable_base_layers: int | str) -> keras.Model:
+    keras.utils.set_random_seed(0)
+    model = classifier(build_base("small_cnn", 32, "none"), "small_cnn", 5, 8, 0.5, base_training=False)
+    freeze(base_of(model), Strategy(trainable_base_layers=trainable_base_layers), "small_cnn")
+    return model
+
+
+def test_plan_caches_the_frozen_prefix_when_wanted_and_there_is_room(tmp_path):
+    """plan in the trainer's process (the stages reach it only in subprocesses, which mutation testing cannot
+    see): each reason not to cache is the report's, and a killed run's leftover goes first whatever is decided."""
+    folder = tmp_path / "features"
+    for wanted, trains, reason in [(False, 0, "cache_features is off"),
+                                   (True, "all", "the whole base trains: nothing is frozen to cache")]:
+        folder.mkdir()
+        (folder / "train-00000.bin").write_bytes(b"left by a killed run")
+        cut, report = feature_cache.plan(small_classifier(trains), wanted, 100, folder, "finetune")
+        assert cut is None and report == feature_cache.not_cached(reason) and not folder.exists()
+    model = small_classifier(2)
+    folder.mkdir()
+    cut, report = feature_cache.plan(model, True, 100, folder, "finetune")
+    assert report is None and not folder.exists()
+    prefix, suffix = cut
+    assert not prefix.trainable_weights and count_params(suffix.trainable_weights) == count_params(
+        model.trainable_weights)
+
+
+def test_plan_without_room_trains_through_the_base_and_says_why(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(feature_cache, "DISK_MARGIN", 1 << 60)
+    model, images = small_classifier(2), 10**7  # enough images that the prefix's output needs whole GiB
+    needed = feature_cache.storage_bytes(frozen_prefix(model)[0], images) / 2**30
+    cut, report = feature_cache.plan(model, True, images, tmp_path / "features", "finetune")
+    assert cut is None and report["storage"] == "none" and needed > 1
+    folder = tmp_path / "features"
+    assert report["reason"].startswith(f"the feature cache needs {needed:.1f} GiB of float16 in {folder}")
+    assert capsys.readouterr().out == f"finetune: {report['reason']}; training through the base instead " \
+                                      f"({feature_cache.SLOWER})\n"
