@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import keras
 import numpy as np
 import pytest
@@ -55,6 +57,17 @@ def test_streams_back_exactly_what_the_prefix_produced_in_float16(tmp_path, monk
     for got, want in zip(outputs, expected):
         assert got.dtype == np.float32 and got.shape == want.shape
         np.testing.assert_array_equal(got, want.astype(np.float16).astype(np.float32))
+
+
+def test_a_prefix_with_one_output_streams_back_a_tensor_not_a_list(tmp_path, monkeypatch):
+    """Strategy 1's prefix ends in the pooled features: one output, which the head takes as a tensor."""
+    two = two_output_prefix()
+    prefix = keras.Model(two.input, two.outputs[1])
+    cache, data = build(tmp_path, prefix, monkeypatch)
+    features, labels = next(iter(cache.dataset("test", 9)))
+    assert isinstance(features, tf.Tensor) and features.shape == (9, 5)
+    want = prefix(data["test"][0][:9], training=False).numpy().astype(np.float16).astype(np.float32)
+    np.testing.assert_array_equal(features.numpy(), want)
 
 
 def test_each_epoch_shuffles_by_its_seed_and_keeps_every_record(tmp_path, monkeypatch):
@@ -214,6 +227,9 @@ def test_the_cache_describes_itself_with_the_keys_of_not_cached(tmp_path, monkey
                           "mib": round(cache.bytes / 2**20, 1), "seconds": round(cache.seconds, 1),
                           "reason": None}
     assert 0 < cache.seconds < 600 and described["mib"] == 0.0
+    # At a size where the rounding shows: 10**6 records of 302 bytes are 288.0 MiB, 12.345 s read 12.3.
+    large = dataclasses.replace(cache, counts={"train": 10**6}, seconds=12.345).describe()
+    assert (large["images"], large["mib"], large["seconds"]) == (10**6, 288.0, 12.3)
     assert feature_cache.not_cached("why") == {**dict.fromkeys(described), "storage": "none", "images": 0,
                                                "mib": 0.0, "seconds": 0.0, "reason": "why"}
 
