@@ -35,15 +35,18 @@ def new_optimizer(name: str, learning_rate: float, momentum: float | None = None
 
 
 def compile_model(model: keras.Model, learning_rate: float, training: Training, runtime: Runtime,
-                  optimizer: keras.optimizers.Optimizer | None = None) -> None:
-    """(Re)compile in the strategy's scope; needed after every change of `trainable`. Without an `optimizer`
-    (a resumed one, or a strategy's new_optimizer): RMSprop at `learning_rate`.
+                  optimizer: keras.optimizers.Optimizer | str | None = None, momentum: float | None = None) -> None:
+    """(Re)compile in the strategy's scope; needed after every change of `trainable`. `optimizer`: a resumed
+    one, or the name of a new one (new_optimizer; None: RMSprop) at `learning_rate`, built in that scope too
+    (an optimizer's variables are the strategy's: built outside it, a mirrored run refuses them).
 
     The learning rate is used as given whatever the number of replicas (see docs/scaling-out.md).
     """
     with runtime.distribution.scope():
+        if optimizer is None or isinstance(optimizer, str):
+            optimizer = new_optimizer(optimizer or "rmsprop", learning_rate, momentum)
         model.compile(
-            optimizer=optimizer or keras.optimizers.RMSprop(learning_rate),
+            optimizer=optimizer,
             loss=keras.losses.SparseCategoricalCrossentropy(),
             metrics=["accuracy"],
             # Keras 3 cannot run several steps per execution over several replicas (keras-team/keras#19246).

@@ -29,7 +29,7 @@ from transfer.checkpoints import Checkpoints, Progress
 from transfer.config import Keep, Optimisation, Params, Strategy
 from transfer.evaluation import EVAL_BATCH, evaluate_splits
 from transfer.feature_cache import inference_batch
-from transfer.fitting import checkpoint, compile_model, fit, new_optimizer
+from transfer.fitting import checkpoint, compile_model, fit
 from transfer.keras_workarounds import keep_batchnorm_statistics
 from transfer.models import base_of, build_base, classifier, count_params, load_model
 from transfer.paths import PRETRAINED_MODEL, RECORDS, SPLITS, feature_cache_folder
@@ -172,8 +172,8 @@ def _through_base(run: Run, phase: Phase, model: keras.Model, splits: dict[str, 
     # A resumed run continues with its checkpoint's optimizer state, unless it resumed at the start of a phase.
     starts = phase.number is not None and progress.epochs_done == phase.start
     resumed = getattr(model, "optimizer", None) if resumable and not starts else None
-    compile_model(model, phase.learning_rate, params.training, runtime,
-                  optimizer=resumed or new_optimizer(phase.optimizer, phase.learning_rate, phase.momentum))
+    compile_model(model, phase.learning_rate, params.training, runtime, optimizer=resumed or phase.optimizer,
+                  momentum=phase.momentum)
     fit(model, train, data["val"], phase.until, progress, counts["train"], runtime, resumable,
         keep=params.training.keep, live=run.stage if runtime.chief else None, phase=phase.number, restore=last)
     return _Fitted(model, model, data, progress, None)
@@ -198,8 +198,8 @@ def _on_features(run: Run, phase: Phase, model: keras.Model, cut: tuple[keras.Mo
           f"(computed in {report['computed_in']}) in {report['seconds']} s")
     data = {name: cache.dataset(name, EVAL_BATCH) for name in splits}
     train = cache.epochs(batch, params.training.shuffle_buffer, run.seed)
-    compile_model(suffix, phase.learning_rate, params.training, runtime,
-                  optimizer=new_optimizer(phase.optimizer, phase.learning_rate, phase.momentum))
+    compile_model(suffix, phase.learning_rate, params.training, runtime, optimizer=phase.optimizer,
+                  momentum=phase.momentum)
     fit(suffix, train, data["val"], phase.until, progress, counts["train"], runtime,
         keep=params.training.keep, live=run.stage if runtime.chief else None, phase=phase.number, whole=model,
         restore=last)
