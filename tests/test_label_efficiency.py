@@ -13,7 +13,7 @@ import pytest
 from helpers import copy_project, last_line, run, run_stage, set_params
 
 from tools.dvc import dvc
-from tools.label_efficiency import Point, collect, plot
+from tools.label_efficiency import Point, collect, grid, markdown, plot
 from transfer.errors import PipelineError
 from transfer.paths import LABEL_EFFICIENCY_PLOT, LABEL_EFFICIENCY_TABLE, PREDICTIONS, metrics_file
 
@@ -58,19 +58,25 @@ def test_sweep_keeps_exactly_its_experiments_and_refuses_a_failed_point(tmp_path
     assert (project / LABEL_EFFICIENCY_PLOT).read_bytes()[:4] == b"\x89PNG"
     written = (project / LABEL_EFFICIENCY_TABLE).read_bytes(), (project / LABEL_EFFICIENCY_PLOT).read_bytes()
 
-    # A second sweep with other settings, one of whose points (strategy 9) does not exist: refused, nothing written.
-    second = sweep(project, "b", "--run", "--labels", "2", "--strategies", "1,9", "--seeds", "8",
-                   "-S", "finetune.learning_rate=0.01")
+    # A second sweep with other settings and a strategy params.yaml lacks (4: strategy 2 with a warm head, added by
+    # -S), one of whose points (strategy 9) does not exist: refused, nothing written.
+    warm = "++strategies={4:{trainable_base_layers:2,head_epochs:1}}"  # "strategies.4=" is refused: a new key
+    second = sweep(project, "b", "--run", "--labels", "2", "--strategies", "1,4,9", "--seeds", "8",
+                   "-S", "finetune.learning_rate=0.01", "-S", warm)
     assert second.returncode == 1, second.stdout
     assert last_line(second).startswith("error: point b-2-8-s9 (labels_per_class=2, seed=8, strategy=9) failed")
     assert ((project / LABEL_EFFICIENCY_TABLE).read_bytes(), (project / LABEL_EFFICIENCY_PLOT).read_bytes()) == written
 
-    # Told to skip, it says what it skips and writes sweep b's one good point alone: nothing of sweep a.
-    skipped = sweep(project, "b", "--labels", "2", "--strategies", "1,9", "--seeds", "8", "--skip-failed")
+    # Told to skip, it says what it skips and writes sweep b's good points alone: nothing of sweep a.
+    skipped = sweep(project, "b", "--labels", "2", "--strategies", "1,4,9", "--seeds", "8", "--skip-failed")
     assert skipped.returncode == 0, skipped.stderr
     assert "label_efficiency: skipped point b-2-8-s9 (labels_per_class=2, seed=8, strategy=9) failed" in skipped.stdout
     table = pd.read_csv(project / LABEL_EFFICIENCY_TABLE)
-    assert table["experiment"].tolist() == ["b-2-8-s1", "b-2-8-s1"]  # its baseline and strategy 1
+    # Its baseline (one: strategy 4's trained alike), strategy 1, and strategy 4 as the -S defined it.
+    assert table["experiment"].tolist() == ["b-2-8-s1", "b-2-8-s1", "b-2-8-s4"]
+    assert table["strategy"].tolist() == [0, 1, 4] and table["head_epochs"].tolist() == [0, 0, 1]
+    assert table["strategy_name"].iloc[2] == ("4: head only for 1 epochs, then head + last 2 of small_cnn's 7 base "
+                                              "layers")
     assert set(table["learning_rate"]) == {0.01} and set(table["seed"]) == {8}
 
     # Sweep a again, from `dvc exp show` alone: the same rows as when it ran, none of sweep b's.
@@ -84,17 +90,39 @@ def test_sweep_keeps_exactly_its_experiments_and_refuses_a_failed_point(tmp_path
     assert last_line(missing).startswith("error: point a-2-99-s2 (labels_per_class=2, seed=99, strategy=2) never "
                                          "appeared in `dvc exp show`")
 
+    # By default the issue's sweep: 10, 50 and 250 labels per class with seeds 1, 2 and 3, 1,000 and all with seed 1.
+    default = sweep(project, "z", "--strategies", "1,2")
+    assert default.returncode == 1
+    assert last_line(default).startswith("error: point z-10-1-s1 (labels_per_class=10, seed=1, strategy=1) never "
+                                         "appeared in `dvc exp show`")
+    assert "(and 21 more)" in last_line(default)  # 2 strategies x 11 points
 
-def shown_experiment(point: Point, strategies: dict, accuracy: float, **extra: object) -> dict:
+
+def test_every_seed_runs_where_labels_are_few_and_the_first_seed_above():
+    names = [point.name for point in grid("s", ["10", "250", "1000", "null"], ["1", "4"], ["7", "8"], "250")]
+    # Strategy slowest: the queue's next experiment is another (labels, seed), whose baseline the run-cache lacks.
+    assert names == ["s-10-7-s1", "s-10-8-s1", "s-250-7-s1", "s-250-8-s1", "s-1000-7-s1", "s-all-7-s1",
+                     "s-10-7-s4", "s-10-8-s4", "s-250-7-s4", "s-250-8-s4", "s-1000-7-s4", "s-all-7-s4"]
+    assert len(grid("s", ["10", "null"], ["1"], ["7", "8"], "null")) == 4  # null: every seed everywhere
+    assert len(grid("s", ["10", "null"], ["1"], ["7", "8"], "9")) == 2
+    for labels, limit, option in ((["10", "ten"], "250", "--labels: 'ten'"), (["10"], "0", "--seeds-up-to: '0'"),
+                                  (["-5"], "250", "--labels: '-5'")):
+        with pytest.raises(PipelineError, match=f"^{option} is neither a positive count of labels per class nor "
+                                                r"null \(all\)$"):
+            grid("s", labels, ["1"], ["7"], limit)
+
+
+def shown_experiment(point: Point, strategies: dict, accuracy: float, train_images: int = 20, **extra: object) -> dict:
     """One experiment as `dvc exp show --json` shows it (JSON turns the integer keys into strings)."""
     params = {"strategy": int(point.strategy), "model": {"backbone": "small_cnn", "weights": "none"},
               "finetune": {"seed": int(point.seed), "epochs": 2, "batch_size": 8, "learning_rate": 0.001,
                            "cache_features": True},
               "preprocess": {"image_size": 32},
-              "data": {"target_labels_per_class": int(point.labels), "target_classes": ["dog", "frog"]},
+              "data": {"target_labels_per_class": None if point.labels == "null" else int(point.labels),
+                       "target_classes": ["dog", "frog"]},
               "strategies": {str(number): entry for number, entry in strategies.items()}}
     def result(accuracy: float) -> dict:
-        return {"data": {"train_images": 20, "test": {"accuracy": accuracy, "macro_f1": accuracy}}}
+        return {"data": {"train_images": train_images, "test": {"accuracy": accuracy, "macro_f1": accuracy}}}
 
     return {"name": point.name, **extra, "data": {"params": {"params.yaml": {"data": params}},
                                                   "metrics": {"metrics/finetune.json": result(accuracy),
@@ -128,6 +156,36 @@ def test_strategies_are_named_from_each_experiments_params(tmp_path, monkeypatch
     assert legend == ["0: from scratch (1 seeds)",
                       "3: head + small_cnn's base layers 3 on (of 7), learning_rate 0.0001 (1 seeds)",
                       "3: head + small_cnn's base layers 5 on (of 7) (1 seeds)"]
+
+
+def test_the_table_gives_each_strategys_mean_and_spread_per_label_count_the_best_in_bold(tmp_path, monkeypatch):
+    strategies = {0: SCRATCH, 2: {"trainable_base_layers": 2}, 4: {"trainable_base_layers": 2, "head_epochs": 5}}
+    accuracies = {("10", "1", "2"): 0.6, ("10", "2", "2"): 0.7, ("10", "1", "4"): 0.7, ("10", "2", "4"): 0.8,
+                  ("20", "1", "2"): 0.9, ("20", "1", "4"): 0.85, ("null", "1", "2"): 0.95}
+    points = [Point("m", *key) for key in accuracies]
+    shown = [{"experiments": [{"revs": [
+        shown_experiment(point, strategies, accuracy,
+                         train_images=90 if point.labels == "null" else 2 * int(point.labels))
+        for point, accuracy in zip(points, accuracies.values(), strict=True)]}]}]
+    table = collect(shown, points)  # the baseline at 50 %: one row per (labels, seed)
+    assert markdown(table) == """\
+| labelled images per class | 0 | 2 | 4 |
+| --- | --- | --- | --- |
+| 10 | 50.0 ± 0.0 | 65.0 ± 7.1 | **75.0 ± 7.1** |
+| 20 | 50.0 | **90.0** | 85.0 |
+| all (45) | 50.0 | **95.0** |  |
+
+- 0: from scratch
+- 2: head + last 2 of small_cnn's 7 base layers
+- 4: head only for 5 epochs, then head + last 2 of small_cnn's 7 base layers"""
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    plot(table, tmp_path / "plot.png")
+    axes = figures[0].axes[0]
+    assert [line.get_linestyle() for line in axes.get_lines()] == ["-", "-", "--"]  # a warm head dashed
+    assert [text.get_text() for text in axes.get_legend().get_texts()] == [
+        "0: from scratch (1-2 seeds)", "2: head + last 2 of small_cnn's 7 base layers (1-2 seeds)",
+        "4: head only for 5 epochs, then head + last 2 of small_cnn's 7 base layers (1-2 seeds)"]
 
 
 def test_a_failed_experiment_with_its_parents_metrics_is_no_data_point():
@@ -195,7 +253,7 @@ def test_rows_carry_each_runs_numbers_and_unfinished_or_failed_runs_are_refused(
     assert table.index.tolist() == [0, 1]
     assert table.to_dict("records") == [
         {"experiment": every.name, "strategy": strategy, "strategy_name": name, "labels_per_class": "all",
-         "seed": 1, "epochs": 2, "batch_size": 8, "learning_rate": 0.001, "backbone": "small_cnn",
+         "seed": 1, "head_epochs": 0, "epochs": 2, "batch_size": 8, "learning_rate": 0.001, "backbone": "small_cnn",
          "weights": "none", "image_size": 32, "images_per_class": 12, "test_accuracy": accuracy,
          "test_macro_f1": pytest.approx(accuracy - 0.1)}
         for strategy, name, accuracy in ((0, "0: from scratch", 0.5), (1, "1: head only", 0.6))]
