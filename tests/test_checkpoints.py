@@ -305,6 +305,8 @@ def test_a_damaged_checkpoint_is_discarded_with_one_line_and_training_restarts(s
     assert len(lines) == 1, lines
     assert lines[0].startswith(f"discarding checkpoint in {stage.folder}: {file} is damaged (")
     assert lines[0].endswith("); training restarts from epoch 1")
+    if damage.startswith("model.keras"):  # the reason is Keras' own error, by its type and first line
+        assert f"{file} is damaged (ValueError: " in lines[0], lines[0]
     assert not stage.folder.exists()
 
 
@@ -448,6 +450,12 @@ def test_a_checkpoint_of_another_identity_names_what_changed(stage, capsys):
     capsys.readouterr()
     assert resumed_epochs(replace(stage, identity={**stage.identity, "cmd": "x"})) == 0
     assert f"{stage.folder}: cmd changed since it was written;" in capsys.readouterr().out
+    for deps, shown in (({"a": "1", "b": "2"}, "cmd, a, b changed"), ({"a": "1", "b": "2", "c": "3"},
+                                                                     "cmd, a, b and 1 more changed")):
+        saved_after(stage, 1)
+        capsys.readouterr()
+        assert resumed_epochs(replace(stage, identity={**stage.identity, "cmd": "x", "deps": deps})) == 0
+        assert f"{stage.folder}: {shown} since it was written;" in capsys.readouterr().out
 
 
 def test_no_checkpoint_resumes_nothing_and_without_best_weights_there_are_none(stage, capsys):
