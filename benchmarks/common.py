@@ -21,10 +21,12 @@ LOCAL_ARCHIVE = ROOT.parent / "shared" / "datasets" / "cifar-10-python.tar.gz"
 LOCAL_MD5 = "d5e868226d7d3e3404a638820a2b4477"
 
 
-def arguments(description: str) -> argparse.ArgumentParser:
+def arguments(description: str, archive: bool = True) -> argparse.ArgumentParser:
+    """--workdir, and --archive and --md5 for a benchmark that builds its project from an archive (`archive`)."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--archive", type=Path, default=LOCAL_ARCHIVE, help="CIFAR-10 archive (official layout)")
-    parser.add_argument("--md5", default=LOCAL_MD5, help="md5 of --archive")
+    if archive:
+        parser.add_argument("--archive", type=Path, default=LOCAL_ARCHIVE, help="CIFAR-10 archive (official layout)")
+        parser.add_argument("--md5", default=LOCAL_MD5, help="md5 of --archive")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/benchmarks"), help="scratch folder")
     return parser
 

@@ -55,7 +55,7 @@ def stages(project: Path) -> dict:
 
 
 def main() -> None:
-    parser = arguments(__doc__)
+    parser = arguments(__doc__, archive=False)  # the clone's params.yaml names its data: ../shared's copy
     parser.add_argument("--rev", default="HEAD", help="the commit to clone")
     parser.add_argument("--extra", action="append", default=[], help="overrides for one more experiment")
     parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared", help="what ../shared links to")

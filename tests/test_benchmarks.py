@@ -111,3 +111,15 @@ def test_the_serving_benchmark_times_each_call_and_keeps_the_fastest_batch():
     # 20 images in the fastest of three calls after the warm-up: 0.05 s, so at most 400 images per second.
     rate = serving.images_per_second(sleeper([0.5, 0.3, 0.05, 0.3]), 20, 3)
     assert 20 / 0.3 < rate <= 20 / 0.05, rate
+
+
+def test_the_cpu_profile_takes_no_archive_it_would_not_use(monkeypatch, capsys):
+    """It runs the README's command in a clone, whose params.yaml names the data: an --archive would be ignored."""
+    from benchmarks import cpu_profile
+
+    assert {"archive", "md5", "workdir"} <= vars(arguments("").parse_args([])).keys()
+    assert vars(arguments("", archive=False).parse_args([])).keys() == {"workdir"}
+    monkeypatch.setattr(sys, "argv", ["cpu_profile", "--archive", "other.tar.gz"])
+    with pytest.raises(SystemExit) as refused:
+        cpu_profile.main()
+    assert refused.value.code == 2 and "unrecognized arguments: --archive" in capsys.readouterr().err

@@ -305,6 +305,8 @@ def test_a_damaged_checkpoint_is_discarded_with_one_line_and_training_restarts(s
     assert len(lines) == 1, lines
     assert lines[0].startswith(f"discarding checkpoint in {stage.folder}: {file} is damaged (")
     assert lines[0].endswith("); training restarts from epoch 1")
+    if damage.startswith("model.keras"):  # the reason is Keras' own error, by its type and first line
+        assert f"{file} is damaged (ValueError: " in lines[0], lines[0]
     assert not stage.folder.exists()
 
 
@@ -448,6 +450,12 @@ def test_a_checkpoint_of_another_identity_names_what_changed(stage, capsys):
     capsys.readouterr()
     assert resumed_epochs(replace(stage, identity={**stage.identity, "cmd": "x"})) == 0
     assert f"{stage.folder}: cmd changed since it was written;" in capsys.readouterr().out
+    for deps, shown in (({"a": "1", "b": "2"}, "cmd, a, b changed"), ({"a": "1", "b": "2", "c": "3"},
+                                                                     "cmd, a, b and 1 more changed")):
+        saved_after(stage, 1)
+        capsys.readouterr()
+        assert resumed_epochs(replace(stage, identity={**stage.identity, "cmd": "x", "deps": deps})) == 0
+        assert f"{stage.folder}: {shown} since it was written;" in capsys.readouterr().out
 
 
 def test_no_checkpoint_resumes_nothing_and_without_best_weights_there_are_none(stage, capsys):
@@ -484,3 +492,55 @@ def test_best_weights_that_do_not_fit_the_model_are_damaged(stage, capsys):
     assert capsys.readouterr().out == (f"discarding checkpoint in {stage.folder}: {stage.latest / 'best_weights.npz'} "
                                        "is damaged (ValueError: its weights do not fit the model); training restarts "
                                        "from epoch 1\n")
+
+
+def test_a_stage_without_params_or_deps_has_an_identity_of_its_command_alone(project):
+    (project / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"bare": {"cmd": "python -m stages.bare"}}}))
+    assert stage_identity("bare") == {"cmd": "python -m stages.bare", "deps": {}, "params": {}}
+
+
+def test_a_history_without_val_accuracy_is_a_damaged_state(stage, capsys):
+    import json
+
+    saved_after(stage, 2)
+    state = json.loads((stage.latest / "state.json").read_text())
+    del state["history"][1]["val_accuracy"]  # kept_epoch("best") could not choose between the epochs
+    (stage.latest / "state.json").write_text(json.dumps(state))
+    capsys.readouterr()
+    assert resumed_epochs(stage) == 0
+    assert capsys.readouterr().out == (f"discarding checkpoint in {stage.folder}: {stage.latest / 'state.json'} "
+                                       "is damaged (KeyError: 'val_accuracy'); training restarts from epoch 1\n")
+
+
+def test_a_random_state_of_other_layers_is_a_damaged_checkpoint(stage, capsys):
+    """The model's Dropout seed state and state.json's must pair one to one: a model with another count of
+    random layers than the state describes is not the model that was checkpointed."""
+    import json
+
+    saved_after(stage, 2)
+    state = json.loads((stage.latest / "state.json").read_text())
+    state["random_state"].append(state["random_state"][0])
+    (stage.latest / "state.json").write_text(json.dumps(state))
+    capsys.readouterr()
+    assert resumed_epochs(stage) == 0
+    line = capsys.readouterr().out
+    assert line == (f"discarding checkpoint in {stage.folder}: {stage.latest / 'state.json'} is damaged (its "
+                    "random_state does not fit the model: ValueError: zip() argument 2 is longer than argument 1); "
+                    "training restarts from epoch 1\n")
+
+
+def test_an_error_without_a_message_is_named_by_its_type():
+    from transfer.checkpoints import _first_line
+
+    assert _first_line(ValueError()) == "ValueError"
+    assert _first_line(OSError("disk\nsecond line")) == "OSError: disk"
+
+
+def test_state_json_keeps_the_dropout_seed_state_and_no_weights(stage):
+    """Keras saves the weights in model.keras; state.json adds only what it leaves out: the seed state."""
+    import json
+
+    model = saved_after(stage, 1)
+    seeds = [variable for variable in model.variables if "seed_generator" in variable.path]
+    state = json.loads((stage.latest / "state.json").read_text())
+    assert state["random_state"] == [seed.numpy().tolist() for seed in seeds] and len(seeds) == 1

@@ -217,6 +217,27 @@ def test_a_missing_or_damaged_meta_json_is_one_line_naming_it(tmp_path, meta, wh
     assert "\n" not in str(error.value)
 
 
+MALFORMED = {
+    "a list": lambda meta: "[]",
+    "truncated": lambda meta: json.dumps(meta)[:40],
+    "splits a list": lambda meta: json.dumps({**meta, "splits": list(meta["splits"])}),
+    "size a string": lambda meta: json.dumps({**meta, "image_size": str(meta["image_size"])}),
+    "shard a number": lambda meta: json.dumps({**meta, "splits": {"target/train": {"count": 40, "shards": [7]}}}),
+    "no splits": lambda meta: json.dumps({**meta, "splits": {}}),
+}
+
+
+@pytest.mark.parametrize("damage", MALFORMED)
+def test_a_malformed_meta_json_is_one_line_naming_it(raw, tmp_path, damage):
+    """A meta.json that parses but does not describe records is as damaged as one that does not parse."""
+    meta = tmp_path / records.META_FILE
+    meta.write_text(MALFORMED[damage](json.loads((raw.root / records.META_FILE).read_text())))
+    with pytest.raises(PipelineError) as error:
+        records.open_split(tmp_path, "target", "train")
+    assert str(error.value).startswith(f"{meta} is damaged; delete {tmp_path} and rerun `dvc repro` (")
+    assert "\n" not in str(error.value)
+
+
 def test_a_full_disk_while_writing_a_shard_is_the_os_error_it_is(tmp_path):
     """TensorFlow says "<file>; File too large": write_shard raises the OSError it is (outputs names it)."""
     import errno

@@ -180,9 +180,13 @@ def _load(checkpoints: Checkpoints) -> tuple[keras.Model, Progress]:
                         f"{checkpoints.global_batch} (another number of replicas)")
     try:
         model = keras.models.load_model(latest / "model.keras")
-        _restore_random_state(model, random_state)
     except Exception as error:  # Keras raises ValueError, OSError, KeyError... for a damaged file
         raise _Unusable(f"{latest / 'model.keras'} is damaged ({_first_line(error)})") from None
+    try:
+        _restore_random_state(model, random_state)
+    except (ValueError, TypeError) as error:  # another count of random layers, or not a list of seeds
+        raise _Unusable(f"{latest / 'state.json'} is damaged (its random_state does not fit the model: "
+                        f"{_first_line(error)})") from None
     if has_best:
         try:
             weights = best_weights(checkpoints)
