@@ -6,6 +6,7 @@ Each image's label is its index in the split, so every record read back names th
 from __future__ import annotations
 
 import json
+import multiprocessing
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ import tensorflow as tf
 from transfer import records
 from transfer.errors import PipelineError
 from transfer.images import Storage, decode, encode, prepare, resize
-from transfer.sharding import ShardJob, cpu_count, shard_count, shard_name, write_shard
+from transfer.sharding import ShardJob, cpu_count, plan_shards, shard_count, shard_name, write_all, write_shard
 
 COUNT = 40  # images in the split
 SHARDS = (0, 13, 26, 40)  # three shards, of unequal sizes
@@ -215,6 +216,76 @@ def test_a_missing_or_damaged_meta_json_is_one_line_naming_it(tmp_path, meta, wh
         records.open_split(tmp_path, "target", "train")
     assert str(error.value).startswith(f"{tmp_path / records.META_FILE} {why.format(root=tmp_path)}")
     assert "\n" not in str(error.value)
+
+
+SPLIT_COUNTS = {"source": {"train": 40, "val": 16, "test": 33}, "target": {"train": 17, "val": 16, "test": 40}}
+
+
+def split_folder(root: Path) -> Path:
+    """The split stage's output for SPLIT_COUNTS: each split's images (label = index) and classes.json."""
+    for task, counts in SPLIT_COUNTS.items():
+        (root / task).mkdir(parents=True)
+        for split, count in counts.items():
+            np.save(root / task / f"{split}_images.npy", IMAGES[:count])
+            np.save(root / task / f"{split}_labels.npy", np.arange(count))
+    (root / "classes.json").write_text(json.dumps({"source": ["a", "b"], "target": ["c", "d"]}))
+    return root
+
+
+def test_the_plan_covers_every_split_in_shards_and_meta_json_describes_them(tmp_path):
+    split_root, out = split_folder(tmp_path / "split"), tmp_path / "records"
+    # 0.005 MB of raw 32 px images: 2 shards of 40 images, 1 of 16 or 17 (16 images a shard at least).
+    jobs, meta = plan_shards(split_root, out, 32, "raw", 80, 0.005)
+    assert (meta.image_size, meta.encoding, meta.jpeg_quality) == (32, "raw", 80)
+    assert meta.classes == {"source": ["a", "b"], "target": ["c", "d"]}
+    assert list(meta.splits) == [f"{task}/{split}" for task in SPLIT_COUNTS for split in SPLIT_COUNTS[task]]
+    for task, counts in SPLIT_COUNTS.items():
+        for split, count in counts.items():
+            ours = [job for job in jobs if job.images == split_root / task / f"{split}_images.npy"]
+            shards = len(ours)
+            assert shards == (2 if count >= 32 else 1), (task, split)
+            assert [(job.start, job.stop) for job in ours] == [
+                (count * shard // shards, count * (shard + 1) // shards) for shard in range(shards)]
+            for shard, job in enumerate(ours):
+                assert job.labels == split_root / task / f"{split}_labels.npy"
+                assert job.destination == out / task / shard_name(split, shard, shards)
+                assert (job.image_size, job.encoding, job.jpeg_quality) == (32, "raw", 80)
+            entry = meta.splits[f"{task}/{split}"]
+            assert entry.count == count
+            assert [(shard.file, shard.count) for shard in entry.shards] == [
+                (f"{task}/{shard_name(split, index, shards)}", job.stop - job.start) for index, job in enumerate(ours)]
+    text = meta.text()
+    assert text.startswith('{\n  "image_size": 32,\n  "encoding": "raw",\n  "jpeg_quality": 80,\n  "classes"')
+    assert text.endswith("}\n") and records.RecordsMeta.model_validate(json.loads(text)) == meta
+
+
+def test_the_plan_names_a_missing_split(tmp_path):
+    split_root = split_folder(tmp_path / "split")
+    (split_root / "target" / "val_images.npy").unlink()
+    with pytest.raises(PipelineError) as error:
+        plan_shards(split_root, tmp_path / "records", 32, "raw", 95, 100)
+    assert str(error.value) == f"{split_root / 'target/val_images.npy'} not found: run the split stage (dvc repro)"
+
+
+def test_worker_processes_write_the_shards_one_process_writes(tmp_path):
+    """write_all's two worker processes (each a one-thread TensorFlow) write the bytes write_shard writes here."""
+    here, there = write_split(tmp_path / "here", size=40, encoding="jpeg"), tmp_path / "there"
+    jobs = [ShardJob(here.root / "_images.npy", here.root / "_labels.npy", start, stop,
+                     there / "target" / file.name, 40, "jpeg", 95)
+            for (start, stop), file in zip(zip(SHARDS, SHARDS[1:]), here.files, strict=True)]
+    (there / "target").mkdir(parents=True)
+    write_all(jobs, workers=2)
+    assert [file.read_bytes() for file in sorted((there / "target").iterdir())] == [
+        file.read_bytes() for file in here.files]
+
+
+def test_a_failed_shard_stops_every_worker_and_is_raised(tmp_path):
+    here = write_split(tmp_path / "here")
+    jobs = [ShardJob(here.root / "_images.npy", here.root / "_labels.npy", 0, COUNT,
+                     tmp_path / "missing" / "folder" / "shard.tfrecord", 32, "raw", 95)]
+    with pytest.raises(Exception, match="missing/folder/shard.tfrecord"):
+        write_all(jobs, workers=2)
+    assert multiprocessing.active_children() == []
 
 
 MALFORMED = {
