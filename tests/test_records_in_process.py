@@ -113,6 +113,7 @@ def test_a_labelled_subset_yields_exactly_its_images(raw):
         assert sorted(labels) == [0, 5, 13, 30, 39] and sizes == [2, 2, 1]
         np.testing.assert_array_equal(images, IMAGES[labels].astype(np.float32))
     assert records.dataset(raw, 16).cardinality().numpy() == 3
+    assert sorted(read(records.dataset(raw, 2, keep=keep))[1]) == [0, 5, 13, 30, 39]
 
 
 def test_shards_of_resized_jpeg_images_hold_what_prepare_gives(tmp_path):
@@ -234,8 +235,9 @@ def split_folder(root: Path) -> Path:
 
 def test_the_plan_covers_every_split_in_shards_and_meta_json_describes_them(tmp_path):
     split_root, out = split_folder(tmp_path / "split"), tmp_path / "records"
-    # 0.005 MB of raw 32 px images: 2 shards of 40 images, 1 of 16 or 17 (16 images a shard at least).
-    jobs, meta = plan_shards(split_root, out, 32, "raw", 80, 0.005)
+    # 0.03 MB of raw 32 px images (of JPEG ones it would be 1 shard): 2 shards of 40 or 33 images, 1 of 16 or 17
+    # (16 images a shard at least).
+    jobs, meta = plan_shards(split_root, out, 32, "raw", 80, 0.03)
     assert (meta.image_size, meta.encoding, meta.jpeg_quality) == (32, "raw", 80)
     assert meta.classes == {"source": ["a", "b"], "target": ["c", "d"]}
     assert list(meta.splits) == [f"{task}/{split}" for task in SPLIT_COUNTS for split in SPLIT_COUNTS[task]]
@@ -331,6 +333,13 @@ def test_a_full_disk_while_writing_a_shard_is_the_os_error_it_is(tmp_path):
 
 
 def test_cpu_count_is_what_this_process_may_use():
+    """The cores this process may run on (a container's or taskset's limit), not the machine's."""
     import os
 
-    assert cpu_count() == len(os.sched_getaffinity(0)) >= 1
+    allowed = os.sched_getaffinity(0)
+    assert cpu_count() == len(allowed) >= 1
+    os.sched_setaffinity(0, {min(allowed)})
+    try:
+        assert cpu_count() == 1
+    finally:
+        os.sched_setaffinity(0, allowed)
