@@ -179,3 +179,22 @@ def wait_until(condition: Callable[[], object], process, what: str, timeout: flo
 def epochs_checkpointed(folder: Path) -> int:
     state = folder / "latest" / "state.json"
     return len(json.loads(state.read_text())["history"]) if state.is_file() else 0
+
+
+def weights(path: Path) -> list[np.ndarray]:
+    """Every weight of a saved Keras model, in its order."""
+    import keras
+
+    return [weight.numpy() for weight in keras.models.load_model(path).weights]
+
+
+def assert_same_weights(ours: list[np.ndarray], theirs: list[np.ndarray]) -> None:
+    """The same weights to the last bit (a resumed run and an uninterrupted one)."""
+    assert len(ours) == len(theirs) and all(np.array_equal(a, b) for a, b in zip(ours, theirs))
+
+
+def metrics_without_timing(project: Path, stage: str) -> dict:
+    """A stage's metrics JSON without its timings, which differ between two runs of the same training."""
+    metrics = json.loads((project / f"metrics/{stage}.json").read_text())
+    metrics.pop("timing")
+    return metrics

@@ -16,19 +16,21 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import psutil
 import pytest
 from helpers import (
+    assert_same_weights,
     copy_project,
     epochs_checkpointed,
     finish,
     make_project,
+    metrics_without_timing,
     run,
     set_params,
     sources,
     start,
     wait_until,
+    weights,
     write_learnable_archive,
 )
 
@@ -45,25 +47,12 @@ def history_epochs(project: Path, stage: str) -> list[int]:
     return [int(float(row.split(",")[0])) for row in rows]
 
 
-def metrics_without_timing(project: Path, stage: str) -> dict:
-    metrics = json.loads((project / f"metrics/{stage}.json").read_text())
-    metrics.pop("timing")
-    return metrics
-
-
-def weights(path: Path) -> list:
-    import keras
-
-    return [weight.numpy() for weight in keras.models.load_model(path).weights]
-
-
 def assert_same_run(project: Path, twin: Path, stage: str, model: str) -> None:
     """The interrupted-and-resumed run and the uninterrupted one agree to the last bit, and kept the same epoch
     (training.keep=best: the best weights so far are part of the checkpoint)."""
     assert metrics_without_timing(project, stage) == metrics_without_timing(twin, stage)
     assert metrics_without_timing(project, stage)["keep"] == "best"
-    ours, theirs = weights(project / model), weights(twin / model)
-    assert len(ours) == len(theirs) and all(np.array_equal(a, b) for a, b in zip(ours, theirs))
+    assert_same_weights(weights(project / model), weights(twin / model))
 
 
 def kill_after_an_epoch(project: Path, stage: str, sent: int = signal.SIGKILL) -> subprocess.CompletedProcess:

@@ -18,10 +18,9 @@ import sys
 import termios
 from pathlib import Path
 
-import keras
 import numpy as np
 import pytest
-from helpers import TINY_PARAMS, copy_project, environment, run, run_stage, set_params
+from helpers import TINY_PARAMS, copy_project, environment, run, run_stage, set_params, weights
 
 EPOCHS = 6
 BARS = ("caching features of train", "evaluating test", "batch/s")  # what the progress bars say
@@ -51,10 +50,6 @@ def val_accuracies(project: Path, stage: str) -> list[float]:
     rows = (project / f"metrics/{stage}_history.csv").read_text().splitlines()
     column = rows[0].split(",").index("val_accuracy")
     return [float(row.split(",")[column]) for row in rows[1:]]
-
-
-def weights(path: Path) -> list[np.ndarray]:
-    return [weight.numpy() for weight in keras.models.load_model(path).weights]
 
 
 def trained(project: Path, stage: str) -> subprocess.CompletedProcess:

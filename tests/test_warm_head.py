@@ -17,15 +17,18 @@ import keras
 import numpy as np
 import pytest
 from helpers import (
+    assert_same_weights,
     copy_project,
     epochs_checkpointed,
     finish,
     make_project,
+    metrics_without_timing,
     run,
     run_stage,
     set_params,
     start,
     wait_until,
+    weights,
     write_learnable_archive,
 )
 
@@ -55,14 +58,9 @@ def project_copy(trained: Path, folder: Path, overrides: dict | None = None) -> 
     return project
 
 
-def weights(path: Path) -> list[np.ndarray]:
-    return [weight.numpy() for weight in keras.models.load_model(path).weights]
-
-
 def outcome(project: Path) -> tuple[dict, str, list[np.ndarray]]:
     """finetune's metrics (timings aside), history and kept model."""
-    metrics = json.loads((project / "metrics/finetune.json").read_text())
-    metrics.pop("timing")
+    metrics = metrics_without_timing(project, "finetune")
     metrics["feature_cache"].pop("seconds")
     return metrics, (project / "metrics/finetune_history.csv").read_text(), weights(project / "models/finetuned.keras")
 
@@ -70,7 +68,7 @@ def outcome(project: Path) -> tuple[dict, str, list[np.ndarray]]:
 def assert_same(project: Path, twin: Path) -> None:
     ours, theirs = outcome(project), outcome(twin)
     assert ours[:2] == theirs[:2]
-    assert len(ours[2]) == len(theirs[2]) and all(np.array_equal(a, b) for a, b in zip(ours[2], theirs[2]))
+    assert_same_weights(ours[2], theirs[2])
 
 
 def in_process(project: Path, monkeypatch):
