@@ -63,8 +63,9 @@ TINY_PARAMS = {
     "model.head_units": 16,
     "preprocess.image_size": 32,
     "preprocess.encoding": "raw",
-    # One shard-writing process, not one per core: each imports TensorFlow (4.4 CPU-s) to write a tiny archive's
-    # few shards. The output does not depend on the count; the tests of several workers ask for 2.
+    # Shards written in the stage's own process, not by one worker process per core: each would import TensorFlow
+    # (4.4 CPU-s) to write a tiny archive's few shards. The output does not depend on the count; the tests of
+    # several workers ask for 2.
     "preprocess.workers": 1,
     "pretrain.epochs": 2,
     "finetune.epochs": 2,

@@ -269,25 +269,28 @@ def test_the_plan_names_a_missing_split(tmp_path):
     assert str(error.value) == f"{split_root / 'target/val_images.npy'} not found: run the split stage (dvc repro)"
 
 
-def test_worker_processes_write_the_shards_one_process_writes(tmp_path):
-    """write_all's two worker processes (each a one-thread TensorFlow) write the bytes write_shard writes here."""
+@pytest.mark.parametrize("workers", [1, 2])
+def test_worker_processes_write_the_shards_one_process_writes(tmp_path, workers):
+    """write_all's two worker processes (each a one-thread TensorFlow), or write_all alone in this process, write
+    the bytes write_shard writes here."""
     here, there = write_split(tmp_path / "here", size=40, encoding="jpeg"), tmp_path / "there"
     jobs = [ShardJob(here.root / "_images.npy", here.root / "_labels.npy", start, stop,
                      there / "target" / file.name, 40, "jpeg", 95)
             for (start, stop), file in zip(zip(SHARDS, SHARDS[1:]), here.files, strict=True)]
     (there / "target").mkdir(parents=True)
-    write_all(jobs, workers=2)
+    write_all(jobs, workers)
     assert [file.read_bytes() for file in sorted((there / "target").iterdir())] == [
         file.read_bytes() for file in here.files]
 
 
-def test_a_failed_shard_stops_every_worker_and_is_raised(tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_failed_shard_stops_every_worker_and_is_raised(tmp_path, workers):
     here = write_split(tmp_path / "here")
     jobs = [ShardJob(here.root / "_images.npy", here.root / "_labels.npy", 0, COUNT,
                      tmp_path / "missing" / "folder" / "shard.tfrecord", 32, "raw", 95)]
     before = set(multiprocessing.active_children())  # none, unless another test of this process left one
     with pytest.raises(Exception, match="missing/folder/shard.tfrecord"):
-        write_all(jobs, workers=2)
+        write_all(jobs, workers)
     assert set(multiprocessing.active_children()) == before
 
 

@@ -1,8 +1,8 @@
 """Sharding the split into TFRecords: planning the shards and writing them in parallel worker processes.
 
 The shards are written by a pool of worker processes, each with a one-thread
-TensorFlow, so N workers use N cores. The output does not depend on the
-number of workers. Workers die with the stage, even a kill -9 of it, so none
+TensorFlow, so N workers use N cores; one worker writes in the stage's own
+process. The output does not depend on the number of workers. Workers die with the stage, even a kill -9 of it, so none
 goes on writing into a folder that the next run deletes. How an image is
 stored is transfer/images.py's; meta.json's schema and the readers are
 transfer/records.py's.
@@ -142,11 +142,26 @@ def _single_threaded_tensorflow() -> None:
 
 
 def write_all(jobs: list[ShardJob], workers: int) -> None:
-    """Write every shard with `workers` worker processes, biggest first, showing progress in images."""
+    """Write every shard with `workers` worker processes, biggest first, showing progress in images.
+
+    One worker writes in this process, with one thread as a worker process would: such a process would cost a
+    TensorFlow import (4 CPU-s) and parallelise nothing."""
     biggest_first = sorted(jobs, key=lambda job: job.start - job.stop)
+    total = sum(job.stop - job.start for job in jobs)
+    if workers == 1:
+        import tensorflow as tf
+
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(1)
+            tf.config.threading.set_inter_op_parallelism_threads(1)
+        except RuntimeError:  # TensorFlow already runs in this process (a test's): its threads stay as they are
+            pass
+        with tqdm(total=total, unit="img", desc="preprocess", mininterval=1) as bar:
+            for job in biggest_first:
+                bar.update(write_shard(job))
+        return
     # spawn, not fork: a forked copy of a process that already runs TensorFlow can deadlock.
     context = multiprocessing.get_context("spawn")
-    total = sum(job.stop - job.start for job in jobs)
     pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(os.getpid(),))
     try:
         with tqdm(total=total, unit="img", desc="preprocess", mininterval=1) as bar:
