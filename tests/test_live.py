@@ -70,7 +70,8 @@ def watched(tmp_path_factory, finished_project):
         state, metrics = pretrain_metrics(project, while_running=True).get("watched", (None, None))
         if state == "running" and metrics and "live" in metrics:
             seen.append(metrics["live"])
-            if (curve := pretrain_curve(project, "watched", while_running=True)) is not None:
+            # None or no rows: the experiment ended between the two commands and its workspace went with it.
+            if curve := pretrain_curve(project, "watched", while_running=True):
                 curves.append(curve)
         if state in ("success", "failed") or len({len(curve) for curve in curves}) >= 3:
             break
