@@ -632,8 +632,9 @@ def test_a_batch_twice_is_refused_naming_it(tmp_path, good_archive):
     assert str(refused.value) == f"{twice}: data_batch_2 appears twice; refusing the archive"
 
 
-def test_an_oversized_member_deep_in_folders_is_named_by_its_file_name(tmp_path):
-    info = tarfile.TarInfo("cifar-10-batches-py/extra/deeper/big.bin")
+@pytest.mark.parametrize("name", ["cifar-10-batches-py/extra/deeper/big.bin", "big.bin"])
+def test_an_oversized_member_in_any_folder_is_named_by_its_file_name(tmp_path, name):
+    info = tarfile.TarInfo(name)
     info.size = MAX_BATCH_BYTES + 1
     bad = tmp_path / "bad.tar.gz"
     with gzip.open(bad, "wb") as stream:
