@@ -10,7 +10,7 @@ import pickletools
 import struct
 import tarfile
 import tracemalloc
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 
@@ -101,21 +101,26 @@ def member(path: Path, name: str) -> bytes:
         return archive.extractfile(name).read()
 
 
+Member = tuple[tarfile.TarInfo, bytes | None]  # a member's header and its bytes (None: a folder or a link)
+
+
+def copy_archive(source: Path, target: Path, rewrite: Callable[[tarfile.TarInfo, bytes | None], list[Member]] =
+                 lambda info, data: [(info, data)], extra: Sequence[Member] = ()) -> Path:
+    """A copy of archive `source` (GNU format), each member replaced by what `rewrite` makes of it, then `extra`."""
+    with tarfile.open(source) as old, tarfile.open(target, "w:gz", format=tarfile.GNU_FORMAT) as new:
+        members = [(info, old.extractfile(info).read() if info.isfile() else None) for info in old]
+        for info, data in [*(copied for member in members for copied in rewrite(*member)), *extra]:
+            info.size = len(data or b"")
+            new.addfile(info, io.BytesIO(data) if data is not None else None)
+    return target
+
+
 def replace_member(source: Path, target: Path, name: str, data: bytes | None) -> Path:
     """A copy of archive `source` whose member `name` holds `data`, or is a directory if data is None."""
-    with tarfile.open(source) as old, tarfile.open(target, "w:gz") as new:
-        for info in old:
-            if info.name != name:
-                new.addfile(info, old.extractfile(info))
-                continue
-            replacement = tarfile.TarInfo(name)
-            if data is None:
-                replacement.type = tarfile.DIRTYPE
-                new.addfile(replacement)
-            else:
-                replacement.size = len(data)
-                new.addfile(replacement, io.BytesIO(data))
-    return target
+    replacement = tarfile.TarInfo(name)
+    if data is None:
+        replacement.type = tarfile.DIRTYPE
+    return copy_archive(source, target, lambda info, old: [(replacement, data) if info.name == name else (info, old)])
 
 
 class Touch:
@@ -571,16 +576,8 @@ def test_class_names_that_are_no_list_of_utf8_bytes_are_refused(tmp_path, good_a
 # --- the tar layer's bounds, each at its edge, and the messages that name what is wrong ------------------------
 
 
-def with_extra_members(source: Path, target: Path, extra: list[tuple[tarfile.TarInfo, bytes | None]],
-                       format: int = tarfile.GNU_FORMAT) -> Path:
-    """A copy of archive `source` with `extra` members after its own (a TarInfo and its bytes, None for none)."""
-    with tarfile.open(source) as old, tarfile.open(target, "w:gz", format=format) as new:
-        for info in old:
-            new.addfile(info, old.extractfile(info))
-        for info, data in extra:
-            info.size = len(data or b"")
-            new.addfile(info, io.BytesIO(data) if data is not None else None)
-    return target
+def with_extra_members(source: Path, target: Path, extra: Sequence[Member]) -> Path:
+    return copy_archive(source, target, extra=extra)
 
 
 def extra_file(name: str, data: bytes = b"x") -> tuple[tarfile.TarInfo, bytes]:
@@ -652,11 +649,8 @@ def test_a_missing_archive_says_to_run_the_download_stage(tmp_path):
 
 
 def test_an_archive_without_a_batch_names_it(tmp_path, good_archive):
-    lacking = tmp_path / "lacking.tar.gz"
-    with tarfile.open(good_archive) as old, tarfile.open(lacking, "w:gz") as new:
-        for info in old:
-            if info.name != TRAIN_BATCHES[2]:
-                new.addfile(info, old.extractfile(info))
+    lacking = copy_archive(good_archive, tmp_path / "lacking.tar.gz",
+                           lambda info, data: [] if info.name == TRAIN_BATCHES[2] else [(info, data)])
     with pytest.raises(PipelineError) as refused:
         read_archive(lacking)
     assert str(refused.value) == (f"{lacking} is not a CIFAR-10 python archive: cifar-10-batches-py/data_batch_3 "
@@ -666,10 +660,8 @@ def test_an_archive_without_a_batch_names_it(tmp_path, good_archive):
 def test_a_batch_that_is_a_link_is_refused(tmp_path, good_archive):
     link = tarfile.TarInfo(TRAIN_BATCHES[0])
     link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
-    linked = tmp_path / "linked.tar.gz"
-    with tarfile.open(good_archive) as old, tarfile.open(linked, "w:gz") as new:
-        for info in old:
-            new.addfile(*((link,) if info.name == link.name else (info, old.extractfile(info))))
+    linked = copy_archive(good_archive, tmp_path / "linked.tar.gz",
+                          lambda info, data: [(link, None) if info.name == link.name else (info, data)])
     with pytest.raises(PipelineError) as refused:
         read_archive(linked)
     assert str(refused.value) == (f"{linked} is not a CIFAR-10 python archive: data_batch_1 is a link or special "
