@@ -98,6 +98,8 @@ def scan(data: bytes, where: str) -> None:
             if argument > len(data) - position:
                 raise pickle.UnpicklingError("frame larger than the data")
         elif name == "STOP":
+            if len(stack) <= fence:
+                raise pickle.UnpicklingError("STOP without an object")
             return
     raise PipelineError(f"{where} holds more than {MAX_OPCODES:,} pickle opcodes, more than a CIFAR-10 batch "
                         "needs; refusing to load it")
