@@ -2,10 +2,10 @@
 
 The shards are written by a pool of worker processes, each with a one-thread
 TensorFlow, so N workers use N cores; one worker writes in the stage's own
-process. The output does not depend on the number of workers. Workers die with the stage, even a kill -9 of it, so none
-goes on writing into a folder that the next run deletes. How an image is
-stored is transfer/images.py's; meta.json's schema and the readers are
-transfer/records.py's.
+process. The output does not depend on the number of workers. Workers die
+with the stage, even a kill -9 of it, so none goes on writing into a folder
+that the next run deletes. How an image is stored is transfer/images.py's;
+meta.json's schema and the readers are transfer/records.py's.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import multiprocessing
 import os
 import signal
 import sys
+from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,16 +130,26 @@ def _start_worker(stage: int) -> None:
     if os.getppid() != stage:  # the stage died before the line above took effect
         os._exit(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the stage handles it
+    os.environ["TF_NUM_INTRAOP_THREADS"] = "1"
+    os.environ["TF_NUM_INTEROP_THREADS"] = "1"
     _single_threaded_tensorflow()
 
 
 def _single_threaded_tensorflow() -> None:
-    os.environ["TF_NUM_INTRAOP_THREADS"] = "1"
-    os.environ["TF_NUM_INTEROP_THREADS"] = "1"
     import tensorflow as tf
 
-    tf.config.threading.set_intra_op_parallelism_threads(1)
-    tf.config.threading.set_inter_op_parallelism_threads(1)
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(1)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    except RuntimeError:  # TensorFlow already runs in this process (a test's): its threads stay as they are
+        pass
+
+
+def _show_progress(counts: Iterable[int], total: int) -> None:
+    """Consume the shards' record counts as they finish, counting images on a progress bar."""
+    with tqdm(total=total, unit="img", desc="preprocess", mininterval=1) as bar:
+        for count in counts:
+            bar.update(count)
 
 
 def write_all(jobs: list[ShardJob], workers: int) -> None:
@@ -149,24 +160,15 @@ def write_all(jobs: list[ShardJob], workers: int) -> None:
     biggest_first = sorted(jobs, key=lambda job: job.start - job.stop)
     total = sum(job.stop - job.start for job in jobs)
     if workers == 1:
-        import tensorflow as tf
-
-        try:
-            tf.config.threading.set_intra_op_parallelism_threads(1)
-            tf.config.threading.set_inter_op_parallelism_threads(1)
-        except RuntimeError:  # TensorFlow already runs in this process (a test's): its threads stay as they are
-            pass
-        with tqdm(total=total, unit="img", desc="preprocess", mininterval=1) as bar:
-            for job in biggest_first:
-                bar.update(write_shard(job))
+        _single_threaded_tensorflow()
+        _show_progress(map(write_shard, biggest_first), total)
         return
     # spawn, not fork: a forked copy of a process that already runs TensorFlow can deadlock.
     context = multiprocessing.get_context("spawn")
     pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(os.getpid(),))
     try:
-        with tqdm(total=total, unit="img", desc="preprocess", mininterval=1) as bar:
-            for done in as_completed([pool.submit(write_shard, job) for job in biggest_first]):
-                bar.update(done.result())
+        finished = as_completed([pool.submit(write_shard, job) for job in biggest_first])
+        _show_progress((done.result() for done in finished), total)
     except BaseException:
         # A failed shard or Ctrl-C: stop the other workers before atomic_output deletes the folder
         # they write into. shutdown() would wait for their shards and Python < 3.14 has no public way
