@@ -31,8 +31,7 @@ def index(code: bytes, width: int) -> st.SearchStrategy[bytes]:
     return st.integers(0, 1).map(lambda number: code + number.to_bytes(width, "little"))
 
 
-OPCODE = st.one_of(
-    # pushes
+PUSH = st.one_of(
     st.sampled_from([b"N", b"\x88", b"\x89", b"I7\n", b"L7\n", b"F1.5\n", b"S'a'\n", b"Va\n", b")", b"]", b"}",
                      b"cbuiltins\nanything\n"]),
     st.binary(min_size=1, max_size=1).map(lambda data: b"K" + data),
@@ -44,13 +43,14 @@ OPCODE = st.one_of(
     length_prefixed(b"C", 1), length_prefixed(b"B", 4), length_prefixed(b"\x8e", 8),  # bytes
     length_prefixed(b"\x96", 8),  # BYTEARRAY8
     st.sampled_from([b"\x8c\x01a", b"X\x01\x00\x00\x00a", b"\x8d\x01\x00\x00\x00\x00\x00\x00\x00a"]),  # str
-    # tuples, marks and what takes items off the stack
-    st.sampled_from([b"\x85", b"\x86", b"\x87", b"(", b"t", b"l", b"d", b"e", b"u", b"1", b"0", b"2", b"a", b"s",
-                     b"b", b"R", b"\x93"]),
-    # the memo
-    index(b"q", 1), index(b"r", 4), index(b"h", 1), index(b"j", 4),
-    st.sampled_from([b"p0\n", b"p1\n", b"g0\n", b"g1\n", b"\x94"]),
 )
+# Tuples, marks and what takes items off the stack: what the scan tracks, so 2 of 5 opcodes drawn.
+STACK = st.sampled_from([b"\x85", b"\x86", b"\x87", b"(", b"t", b"l", b"d", b"e", b"u", b"1", b"0", b"2", b"a", b"s",
+                         b"b", b"R", b"\x93"])
+MEMO = st.one_of(index(b"q", 1), index(b"r", 4), index(b"h", 1), index(b"j", 4),
+                 st.sampled_from([b"p0\n", b"p1\n", b"g0\n", b"g1\n", b"\x94"]))
+# (st.one_of would flatten its branches and draw among the ~20 leaves, stack opcodes 1 time in 20.)
+OPCODE = st.sampled_from([PUSH, PUSH, STACK, STACK, MEMO]).flatmap(lambda kind: kind)
 
 # What the C unpickler says of a wrong stack, mark, memo or data; anything else it raises is about the objects
 # built (a list without __setstate__, a REDUCE of non-tuple arguments), which the scan does not look at.
@@ -92,7 +92,7 @@ def scan_verdict(data: bytes) -> bool | None:
 @st.composite
 def programs(draw) -> bytes:
     """PROTO 2 (or none), opcodes, STOP, sometimes cut short."""
-    body = b"".join(draw(st.lists(OPCODE, max_size=12)))
+    body = b"".join(draw(st.lists(OPCODE, max_size=16)))
     data = draw(st.sampled_from([b"\x80\x02", b""])) + body + b"."
     if draw(st.booleans()):
         data = data[:draw(st.integers(0, len(data)))]
@@ -108,6 +108,60 @@ def test_the_scan_refuses_exactly_what_the_unpickler_finds_broken(data):
     found = scan_verdict(data)
     assume(found is not None)
     assert found == expected, (data, "unpickler loads it" if expected else "unpickler refuses it")
+
+
+# Hand-made programs at the scan's edges, with what it says of each (None: it lets the program through); the C
+# unpickler agrees with each verdict. Random programs reach some of these only rarely.
+EDGES = [
+    (b"", "pickle data was truncated"),
+    (b"\x80\x02N", "pickle data was truncated"),  # no STOP
+    (b"]((e1.", "APPENDS without the items it needs"),  # the list is below the outer mark
+    (b"}((u1.", "SETITEMS without the items it needs"),
+    (b"](Na1.", "APPEND without the items it needs"),  # the list is below the mark
+    (b"}(NNs1.", "SETITEM without the items it needs"),
+    (b"(N\x85\x86.", "TUPLE2 without the items it needs"),
+    (b"N(\x85.", "TUPLE1 without the items it needs"),
+    (b"NNN(\x87.", "TUPLE3 without the items it needs"),
+    (b"(t.", None),
+    (b"(0N.", None),  # POP right after MARK takes the mark
+    (b"N(0.", None),
+    (b"(N(N00.", None),  # POP above a mark takes the item, then the mark
+    (b"((0N1.", "STOP without an object"),
+    (b"N((01.", None),
+    (b"0.", "POP on an empty stack"),
+    (b"N00.", "POP on an empty stack"),
+    (b"2.", "DUP on an empty stack"),
+    (b"N(2.", "DUP on an empty stack"),
+    (b"h\x00N.", "memo index 0 was never set"),
+    (b"Nq\x00h\x01.", "memo index 1 was never set"),
+    (b"\x80\x04\x95\x03\x00\x00\x00\x00\x00\x00\x00N.", "frame larger than the data"),
+    (b"\x95\x01\x00\x00\x00\x00\x00\x00\x00N.", None),  # a frame that ends before the data does
+    (b"cbuiltins", "GLOBAL without its newline"),
+    (b"cbuiltins\nx", "GLOBAL without its newline"),  # the second line's
+    (b"I1", "INT without its newline"),
+    (b"\nN.", "unknown opcode 0xa"),
+    (b"T\xff\xff\xff\xffN.", "BINSTRING longer than the data"),  # a negative length
+    (b"T\x01\x00\x00\x00", "BINSTRING longer than the data"),
+    (b"U\x02a", "SHORT_BINSTRING longer than the data"),
+    (b"U\x01a.", None),  # a string up to the STOP
+    (b"B\x01\x00\x00\x00a.", None),
+    (b"B\x01\x00\x00\x80a.", "BINBYTES longer than the data"),  # unsigned: 2**31 + 1
+    (b"\x8e\x01\x00\x00\x00\x00\x00\x00\x00", "BINBYTES8 longer than the data"),
+    (b"K", "BININT1 truncated"),
+    (b"M\x01", "BININT2 truncated"),
+    (b"J\x01\x00\x00", "BININT truncated"),
+]
+
+
+@pytest.mark.parametrize(("data", "message"), EDGES)
+def test_the_scan_at_its_edges(data, message):
+    assert unpickler_verdict(data) in (message is None, None)
+    if message is None:
+        scan(data, "batch")
+    else:
+        with pytest.raises(pickle.UnpicklingError) as error:
+            scan(data, "batch")
+        assert str(error.value) == message
 
 
 @pytest.mark.parametrize("data", [
@@ -169,6 +223,18 @@ def test_what_holds_a_deep_tuple_outside_a_tuple_starts_again_at_depth_0(holder)
     """A list, a dict or a call's result is depth 0 whatever it holds: a tuple of it is 1 deep, not 17."""
     scan(holder + b"\x85.", "batch")
     assert unpickler_verdict(holder + b"\x85.") is True
+
+
+@pytest.mark.parametrize("then", [b")R", b"\x8c\x01b\x93"])
+def test_what_a_call_or_stack_global_returns_is_depth_0_whatever_it_was_given(then):
+    """REDUCE's result and STACK_GLOBAL's are no tuple of what made them, even a tuple 16 deep below them."""
+    scan(DEEP + then + b"\x85.", "batch")
+    scan(b"cbuiltins\nx\n)R" + b"\x85" * MAX_TUPLE_DEPTH + b".", "batch")  # 16 tuples around a result: 16 deep
+
+
+def test_build_keeps_the_depth_of_what_it_sets_state_on():
+    with pytest.raises(PipelineError, match="nests tuples more than 16 deep"):
+        scan(DEEP + b"Nb\x85.", "batch")
 
 
 def test_at_most_250000_opcodes():
