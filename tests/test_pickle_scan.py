@@ -144,6 +144,9 @@ EDGES = [
     (b"T\x01\x00\x00\x00", "BINSTRING longer than the data"),
     (b"U\x02a", "SHORT_BINSTRING longer than the data"),
     (b"U\x01a.", None),  # a string up to the STOP
+    (b"U\x01a", "pickle data was truncated"),  # a string up to the end: no STOP
+    (b"Nr\x00\x00\x00\x00h\x00.", None),  # LONG_BINPUT is a PUT
+    (b"Nq\x01h\x01.", None),  # a PUT's index is its argument (MEMOIZE's is the memo's length)
     (b"B\x01\x00\x00\x00a.", None),
     (b"B\x01\x00\x00\x80a.", "BINBYTES longer than the data"),  # unsigned: 2**31 + 1
     (b"\x8e\x01\x00\x00\x00\x00\x00\x00\x00", "BINBYTES8 longer than the data"),
@@ -230,6 +233,14 @@ def test_what_a_call_or_stack_global_returns_is_depth_0_whatever_it_was_given(th
     """REDUCE's result and STACK_GLOBAL's are no tuple of what made them, even a tuple 16 deep below them."""
     scan(DEEP + then + b"\x85.", "batch")
     scan(b"cbuiltins\nx\n)R" + b"\x85" * MAX_TUPLE_DEPTH + b".", "batch")  # 16 tuples around a result: 16 deep
+
+
+@pytest.mark.parametrize("innermost", [b"(l", b"(d", b"]", b"}", b")"])
+def test_an_empty_tuple_is_1_deep_and_a_list_or_dict_0(innermost):
+    tuples = MAX_TUPLE_DEPTH - (innermost == b")")
+    scan(innermost + b"\x85" * tuples + b".", "batch")
+    with pytest.raises(PipelineError, match="nests tuples more than 16 deep"):
+        scan(innermost + b"\x85" * (tuples + 1) + b".", "batch")
 
 
 def test_build_keeps_the_depth_of_what_it_sets_state_on():
