@@ -18,8 +18,8 @@ class PipelineError(Exception):
 def run_stage(main: Callable[[], None]) -> None:
     """Run a stage's main(); a PipelineError becomes one line on stderr and exit code 1."""
     # What the imports made (TensorFlow's, Keras' and matplotlib's millions of objects) lives as long as the process:
-    # frozen, the garbage collector stops walking it during the run and at exit, where it took 1 to 2.5 of a tiny
-    # stage's 5 to 8 CPU-s (BENCHMARKS.md, stage start and exit).
+    # frozen, the garbage collector stops walking it during the run and at exit, where it took about 1 of a tiny
+    # stage's 5 to 8 CPU-s (BENCHMARKS.md, "A stage process's start and exit").
     gc.freeze()
     try:
         main()
