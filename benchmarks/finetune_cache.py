@@ -58,7 +58,7 @@ def main() -> None:
     parser.add_argument("--rss-images", type=int, help="the smaller image count of rss_growth "
                                                        "(default: a quarter of the target images)")
     parser.add_argument("--frozen-pass", default="auto", choices=["auto", "float32", "bfloat16"],
-                        help="dtype of the cache's inference pass (auto: bfloat16 on a CPU with AMX)")
+                        help="dtype of the cache's inference pass (auto: the model's, as the stage runs it)")
     parser.add_argument("--workspace", type=Path,
                         help="reuse the records and pretrained model of an earlier run's workspace (its params)")
     args = parser.parse_args()

@@ -20,9 +20,18 @@ import numpy as np
 
 from benchmarks.common import arguments, prepared, pretrained_stand_in, report
 from transfer.config import load_params
-from transfer.runtime import cpu_flags, set_up
+from transfer.runtime import set_up
 from transfer.training import open_task, train_classifier
 from transfer.training_stage import run_for
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (avx2, avx512_bf16, amx_bf16, ...) from /proc/cpuinfo; empty elsewhere."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
 
 
 def main() -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import keras
 import tensorflow as tf
@@ -26,7 +25,9 @@ class Runtime:
     distribute: str  # none | mirrored | multi_worker, after resolving auto
     workers: int
     chief: bool  # only the chief writes models, metrics and checkpoints
-    frozen_pass_bfloat16: bool = False  # the feature cache's one inference pass computes in bfloat16
+    # The feature cache's one pass in bfloat16 while the model computes in float32 (benchmarks only): faster with
+    # AMX, but every score would then be of features the saved model does not compute, so the product never sets it.
+    frozen_pass_bfloat16: bool = False
 
     @property
     def replicas(self) -> int:
@@ -64,11 +65,7 @@ def set_up(training: Training, seed: int) -> Runtime:
     keras.mixed_precision.set_global_policy(policy)
     if distribute != "multi_worker":  # every process trains on its own
         workers, chief = 1, True
-    # The frozen pass has no gradients, so bfloat16 only costs precision; it pays only on a CPU with AMX:
-    # with AVX512-BF16 alone it ran InceptionV3 at half float32's speed (BENCHMARKS.md). A GPU, or
-    # a mixed_precision other than auto, computes every layer in its mixed dtype already.
-    frozen_bfloat16 = training.mixed_precision == "auto" and not gpus and "amx_bf16" in cpu_flags()
-    runtime = Runtime(gpus, policy != "float32", jit, distribution, distribute, workers, chief, frozen_bfloat16)
+    runtime = Runtime(gpus, policy != "float32", jit, distribution, distribute, workers, chief)
     if runtime.replicas > 1:
         print(f"training with {distribute} over {runtime.replicas} replicas on {runtime.workers} worker(s)"
               + ("" if chief else "; the chief writes every output"))
@@ -87,15 +84,6 @@ def mixed_policy(mixed_precision: str | bool, gpus: int) -> str:
     if mixed_precision is False or (mixed_precision == "auto" and not gpus):
         return "float32"
     return "mixed_float16" if gpus else "mixed_bfloat16"
-
-
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags (avx2, avx512_bf16, amx_bf16, ...) from /proc/cpuinfo; empty elsewhere."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
 
 
 def cluster() -> tuple[int, bool]:
