@@ -31,8 +31,20 @@ def test_subset_trains_on_few_labels_and_evaluates_on_everything(tmp_path, finis
     assert len(test_rows) == 20  # the whole target test split, untouched by the subset
 
 
+# The tool waits for the queue's workers to leave. One that missed its shutdown message stays for ever (seen once,
+# with --jobs 2: its monitor found the queue empty while its own experiment ran, and no shutdown ever reached it):
+# the test then fails with the workers' logs instead of hanging the suite.
+SWEEP_DEADLINE_S = 900
+
+
 def sweep(project: Path, sweep_id: str, *arguments: str) -> subprocess.CompletedProcess:
-    return run([sys.executable, "-m", "tools.label_efficiency", "--sweep", sweep_id, *arguments], project, check=False)
+    command = [sys.executable, "-m", "tools.label_efficiency", "--sweep", sweep_id, *arguments]
+    try:
+        return run(command, project, check=False, timeout=SWEEP_DEADLINE_S)
+    except subprocess.TimeoutExpired:
+        logs = [f"{path.name}: {path.read_text()[-1500:]}" for path in (project / ".dvc/tmp/exps/celery").glob("*.out")]
+        raise AssertionError(f"sweep {sweep_id} still waiting after {SWEEP_DEADLINE_S} s;\n"
+                             + "\n".join(logs)) from None
 
 
 def test_sweep_keeps_exactly_its_experiments_and_refuses_a_failed_point(tmp_path, finished_project):
