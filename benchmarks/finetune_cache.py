@@ -57,7 +57,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="cached runs, for the spread of limit_ratio")
     parser.add_argument("--rss-images", type=int, help="the smaller image count of rss_growth "
                                                        "(default: a quarter of the target images)")
-    parser.add_argument("--frozen-pass", default="auto", choices=["auto", "float32", "bfloat16"],
+    parser.add_argument("--frozen-pass", default="auto", choices=["auto", "bfloat16"],
                         help="dtype of the cache's inference pass (auto: the model's, as the stage runs it)")
     parser.add_argument("--workspace", type=Path,
                         help="reuse the records and pretrained model of an earlier run's workspace (its params)")
@@ -82,8 +82,7 @@ def main() -> None:
 
     def one_run(cache: bool) -> tuple[float, object]:
         runtime = set_up(params.training, params.finetune.seed)
-        if args.frozen_pass != "auto":
-            runtime = dataclasses.replace(runtime, frozen_pass_bfloat16=args.frozen_pass == "bfloat16")
+        runtime = dataclasses.replace(runtime, frozen_pass_bfloat16=args.frozen_pass == "bfloat16")
         # No checkpoints: the comparison is of training, not of saving models.
         run = dataclasses.replace(run_for("finetune", params), cache_features=cache, checkpoints=False)
         started = time.perf_counter()
