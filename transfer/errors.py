@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import signal
 import sys
 from collections.abc import Callable
 from types import UnionType
@@ -16,13 +17,15 @@ class PipelineError(Exception):
 
 
 def run_stage(main: Callable[[], None]) -> None:
-    """Run a stage's main(); a PipelineError becomes one line on stderr and exit code 1."""
+    """Run a stage's main(); a PipelineError becomes one line on stderr and exit code 1, Ctrl-C exit code 130."""
     # What the imports made (TensorFlow's, Keras' and matplotlib's millions of objects) lives as long as the process:
     # frozen, the garbage collector stops walking it during the run and at exit, where it took about 1 of a tiny
     # stage's 5 to 8 CPU-s (BENCHMARKS.md, "A stage process's start and exit").
     gc.freeze()
+    previous = _catch_interrupts()
     try:
         main()
+        raise_if_interrupted()  # a Ctrl-C that Python dropped after the last check: the run still does not count
     except PipelineError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(1) from None
@@ -30,7 +33,49 @@ def run_stage(main: Callable[[], None]) -> None:
         print("error: interrupted; nothing was recorded as done, rerun `dvc repro`", file=sys.stderr)
         raise SystemExit(130) from None
     finally:
+        _restore(previous)
         gc.freeze()  # and what main() leaves for the exit
+
+
+# Python raises Ctrl-C's KeyboardInterrupt wherever the main thread is, and drops it ("Exception ignored") when that
+# is a destructor: while Keras fits, a stopped epoch's TensorFlow functions are freed in their __del__, and one Ctrl-C
+# in several was lost there (the stage trained on to the end). So a Ctrl-C is also recorded, and the training loop
+# (raise_if_interrupted) and run_stage raise it again.
+_interrupted = False
+
+
+def raise_if_interrupted() -> None:
+    """Raise KeyboardInterrupt if Ctrl-C came during this stage, also when Python dropped its exception."""
+    if _interrupted:
+        raise KeyboardInterrupt
+
+
+def _on_interrupt(signum: int, frame: object) -> None:
+    global _interrupted
+    _interrupted = True
+    raise KeyboardInterrupt
+
+
+def _catch_interrupts() -> tuple[object, object] | None:
+    global _interrupted
+    _interrupted = False
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        return None  # started with Ctrl-C ignored (nohup, a background job) or handled by the caller: leave it so
+    previous = signal.signal(signal.SIGINT, _on_interrupt), sys.unraisablehook
+    default_hook = sys.unraisablehook
+
+    def quiet_about_interrupts(unraisable: sys.UnraisableHookArgs) -> None:
+        if not isinstance(unraisable.exc_value, KeyboardInterrupt):  # recorded: no traceback for the user
+            default_hook(unraisable)
+
+    sys.unraisablehook = quiet_about_interrupts
+    return previous
+
+
+def _restore(previous: tuple[object, object] | None) -> None:
+    if previous is not None:
+        signal.signal(signal.SIGINT, previous[0])
+        sys.unraisablehook = previous[1]
 
 
 def describe_validation(error: ValidationError, root: type[BaseModel]) -> str:

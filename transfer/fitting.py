@@ -16,6 +16,7 @@ from tqdm import tqdm
 from transfer import checkpoints
 from transfer.checkpoints import Checkpoints, Progress
 from transfer.config import Keep, Training
+from transfer.errors import raise_if_interrupted
 from transfer.keras_workarounds import let_keras_fit_across_replicas
 from transfer.models import save_model
 from transfer.outputs import write_json
@@ -80,6 +81,7 @@ class EpochRecorder(keras.callbacks.Callback):
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         # Keras calls this once per steps_per_execution batches, with the last batch's index.
         self.bar.update(batch + 1 - self.bar.n)
+        raise_if_interrupted()
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         self.bar.close()
@@ -100,6 +102,7 @@ class EpochRecorder(keras.callbacks.Callback):
             write_history(history_file(self.live), self.progress.history)  # the stage ends with the same file
         if self.checkpoints is not None:
             checkpoint(self.checkpoints, self.model, self.progress, self.runtime)
+        raise_if_interrupted()  # after the checkpoint: the finished epoch is kept
 
     def restore_kept(self) -> None:
         """Leave the model with the weights of the epoch training.keep names."""
