@@ -96,8 +96,8 @@ def test_predict_prints_class_probability_and_path(project, test_pngs, capsys, m
     assert label == predicted_in_csv(project)[3] and 0.2 < float(probability) <= 1 and path == str(test_pngs[3])
 
 
-@pytest.mark.parametrize("case", ["missing file", "not an image", "empty folder", "unreadable model",
-                                  "model without description"])
+@pytest.mark.parametrize("case", ["missing file", "not an image", "damaged image", "empty folder",
+                                  "unreadable model", "model without description"])
 def test_predict_errors_are_one_line_naming_the_file(case, project, test_pngs, tmp_path, capsys):
     model, image = project / "models/finetuned.keras", test_pngs[0]
     if case == "missing file":
@@ -105,6 +105,9 @@ def test_predict_errors_are_one_line_naming_the_file(case, project, test_pngs, t
     elif case == "not an image":
         image = named = tmp_path / "notes.png"
         named.write_text("not a picture")
+    elif case == "damaged image":
+        image = named = tmp_path / "cut.png"
+        named.write_bytes(test_pngs[0].read_bytes()[:40])
     elif case == "empty folder":
         image = named = tmp_path
     elif case == "unreadable model":
@@ -120,6 +123,9 @@ def test_predict_errors_are_one_line_naming_the_file(case, project, test_pngs, t
     assert raised.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and str(named) in err[0], err
+    if case == "damaged image":  # TensorFlow's reason, without its op's names
+        reason = "Invalid PNG. Failed to initialize decoder."
+        assert err[0] == f"error: {named}: not a readable PNG or JPEG image ({reason})"
 
 
 SERVE_WITHOUT_PROJECT = """

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import re
 import signal
 import sys
 from collections.abc import Callable
@@ -76,6 +77,12 @@ def _restore(previous: tuple[object, object] | None) -> None:
     if previous is not None:
         signal.signal(signal.SIGINT, previous[0])
         sys.unraisablehook = previous[1]
+
+
+def tensorflow_reason(error: Exception) -> str:
+    """What a TensorFlow op error says, without the op and function names around it: "corrupted record at 0"."""
+    line = str(getattr(error, "message", error)).splitlines()[0]
+    return re.sub(r"^\{\{function_node [^}]*\}\}\s*|\s*\[Op:[^\]]*\].*$", "", line)
 
 
 def describe_validation(error: ValidationError, root: type[BaseModel]) -> str:

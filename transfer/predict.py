@@ -15,7 +15,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from transfer.errors import PipelineError
+from transfer.errors import PipelineError, tensorflow_reason
 from transfer.images import prepare
 from transfer.models import Description, load_model, read_description
 
@@ -83,5 +83,4 @@ def _prepared(file: Path, description: Description) -> tf.Tensor:
     except OSError as error:
         raise PipelineError(f"{file}: cannot read it ({error.strerror})") from None
     except tf.errors.OpError as error:
-        reason = error.message.splitlines()[0]
-        raise PipelineError(f"{file}: not a readable PNG or JPEG image ({reason})") from None
+        raise PipelineError(f"{file}: not a readable PNG or JPEG image ({tensorflow_reason(error)})") from None
