@@ -23,14 +23,15 @@ SHARDS = (0, 13, 26, 40)  # three shards, of unequal sizes
 IMAGES = np.random.default_rng(7).integers(0, 256, (COUNT, 32, 32, 3), dtype=np.uint8)
 
 
-def write_split(root: Path, size: int = 32, encoding: str = "raw", quality: int = 95, meta: dict | None = None):
+def write_split(root: Path, size: int = 32, encoding: str = "raw", quality: int = 95, meta: dict | None = None,
+                bounds: tuple[int, ...] = SHARDS):
     """Shards of IMAGES (label = index) as the preprocess stage writes them, and their meta.json."""
     root.mkdir(parents=True, exist_ok=True)
     np.save(root / "_images.npy", IMAGES)
     np.save(root / "_labels.npy", np.arange(COUNT))
     shards = []
-    for shard, (start, stop) in enumerate(zip(SHARDS, SHARDS[1:])):
-        name = shard_name("train", shard, len(SHARDS) - 1)
+    for shard, (start, stop) in enumerate(zip(bounds, bounds[1:])):
+        name = shard_name("train", shard, len(bounds) - 1)
         job = ShardJob(root / "_images.npy", root / "_labels.npy", start, stop, root / "target" / name,
                                size, encoding, quality)
         job.destination.parent.mkdir(exist_ok=True)
@@ -84,6 +85,15 @@ def test_every_shard_is_read_interleaved_in_a_fixed_order(raw):
     np.testing.assert_array_equal(read(records.dataset(raw, 7))[1], first)
 
 
+def test_at_most_four_shards_are_read_at_once(tmp_path):
+    """Six shards: records come from the first four in turn; the fifth starts only where one of them ends."""
+    split = write_split(tmp_path / "six", bounds=(0, 1, 8, 15, 22, 29, 40))
+    labels = list(read(records.dataset(split, 64))[1])
+    assert labels[:4] == [0, 1, 8, 15]  # shard 0 holds one record
+    assert labels[4:8] == [2, 9, 16, 22]  # shard 4 took its place in the cycle
+    assert labels.index(29) > 20 and sorted(labels) == list(range(COUNT))  # shard 5 once three more ended
+
+
 def test_shuffling_depends_on_the_seed_and_the_epoch_only(raw):
     epochs = records.epochs(raw, 8, shuffle_buffer=COUNT, seed=3)
     orders = [read(epochs(epoch))[1] for epoch in (0, 1, 0)]
@@ -94,6 +104,8 @@ def test_shuffling_depends_on_the_seed_and_the_epoch_only(raw):
     other_seed = read(records.epochs(raw, 8, shuffle_buffer=COUNT, seed=4)(1))[1]
     assert list(other_seed) != list(orders[1])
     np.testing.assert_array_equal(read(records.dataset(raw, 8, shuffle_buffer=COUNT, seed=3))[1], orders[0])
+    twice = epochs(1)
+    np.testing.assert_array_equal(read(twice)[1], read(twice)[1])  # one epoch's data, read again: the same order
     assert list(read(records.dataset(raw, 8))[1]) != list(orders[0])  # no buffer, no shuffle
 
 
@@ -183,13 +195,29 @@ def test_labels_of_names_a_record_outside_the_split_and_a_missing_index(tmp_path
     assert str(error.value) == f"{split.root}/target: {COUNT} records, meta.json says {COUNT + 2}"
 
 
+def last_record_start(shard: bytes) -> int:
+    """Where a TFRecord file's last record starts: each is its length (8 bytes), their CRC (4), data, its CRC (4)."""
+    start = 0
+    while start + 16 + int.from_bytes(shard[start:start + 8], "little") < len(shard):
+        start += 16 + int.from_bytes(shard[start:start + 8], "little")
+    return start
+
+
 def test_check_shards_names_a_missing_or_truncated_shard(tmp_path):
     split = write_split(tmp_path / "damaged")
-    split.files[1].write_bytes(split.files[1].read_bytes()[:-100])
+    whole = split.files[1].read_bytes()
+    split.files[1].write_bytes(whole[:-100])
     with pytest.raises(PipelineError) as error:
         records.check_shards(split)
-    assert str(error.value).startswith(f"TFRecord shard {split.files[1]} is truncated or corrupt (")
-    assert str(error.value).endswith("); delete data/tfrecords and rerun `dvc repro`") and "\n" not in str(error.value)
+    # TensorFlow's reason, without its op and function names ("{{function_node __wrapped__ReduceDataset...}}")
+    assert str(error.value) == (f"TFRecord shard {split.files[1]} is truncated or corrupt (truncated record at "
+                                f"{last_record_start(whole)}' failed with Read less bytes than requested); delete "
+                                "data/tfrecords and rerun `dvc repro`")
+    split.files[1].write_bytes(bytes(16) + whole[16:])
+    with pytest.raises(PipelineError) as error:
+        records.check_shards(split)
+    assert str(error.value) == (f"TFRecord shard {split.files[1]} is truncated or corrupt (corrupted record at 0 (Is "
+                                "this even a TFRecord file?)); delete data/tfrecords and rerun `dvc repro`")
     split.files[2].unlink()
     split = records.Split(split.root, "target", "train", split.files[2:], COUNT, 32, "raw", ("a",), 95)
     with pytest.raises(PipelineError) as error:
