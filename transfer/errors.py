@@ -79,9 +79,10 @@ def _restore(previous: tuple[object, object] | None) -> None:
         sys.unraisablehook = previous[1]
 
 
-def tensorflow_reason(error: Exception) -> str:
-    """What a TensorFlow op error says, without the op and function names around it: "corrupted record at 0"."""
-    line = str(getattr(error, "message", error)).splitlines()[0]
+def tensorflow_reason(message: str) -> str:
+    """What a TensorFlow op error's message says, without the op and function names around it: "corrupted record at
+    0"."""
+    line = message.splitlines()[0]
     return re.sub(r"^\{\{function_node [^}]*\}\}\s*|\s*\[Op:[^\]]*\].*$", "", line)
 
 

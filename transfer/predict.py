@@ -83,4 +83,4 @@ def _prepared(file: Path, description: Description) -> tf.Tensor:
     except OSError as error:
         raise PipelineError(f"{file}: cannot read it ({error.strerror})") from None
     except tf.errors.OpError as error:
-        raise PipelineError(f"{file}: not a readable PNG or JPEG image ({tensorflow_reason(error)})") from None
+        raise PipelineError(f"{file}: not a readable PNG or JPEG image ({tensorflow_reason(error.message)})") from None

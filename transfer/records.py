@@ -112,7 +112,7 @@ def check_shards(split: Split) -> None:
                                                                    lambda count, _: count + 1))
         except (tf.errors.DataLossError, tf.errors.OpError) as error:
             raise PipelineError(
-                f"TFRecord shard {path} is truncated or corrupt ({tensorflow_reason(error)}); "
+                f"TFRecord shard {path} is truncated or corrupt ({tensorflow_reason(error.message)}); "
                 "delete data/tfrecords and rerun `dvc repro`"
             ) from None
     if total != split.count:

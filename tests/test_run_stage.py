@@ -1,4 +1,5 @@
-"""Ctrl-C stops a stage even when Python drops its KeyboardInterrupt.
+"""How a stage's process ends (errors.run_stage): a PipelineError is one line and exit code 1, Ctrl-C exit code 130,
+also when Python drops its KeyboardInterrupt.
 
 Python raises a signal's exception wherever the main thread is; inside a destructor it only prints "Exception
 ignored" and goes on. While Keras fits, TensorFlow functions are freed in their __del__, and on a loaded 2-core
@@ -17,7 +18,7 @@ import time
 import numpy as np
 import pytest
 
-from transfer.errors import run_stage
+from transfer.errors import PipelineError, run_stage
 
 INTERRUPTED = "error: interrupted; nothing was recorded as done, rerun `dvc repro`"
 
@@ -36,20 +37,41 @@ def drop_a_ctrl_c() -> None:
     DropsCtrlC()  # freed at once
 
 
+def test_a_pipeline_error_is_one_line_and_exit_code_1(capsys):
+    def main() -> None:
+        raise PipelineError("params.yaml: strategy: got 9")
+
+    with pytest.raises(SystemExit) as stopped:
+        run_stage(main)
+    assert stopped.value.code == 1
+    assert capsys.readouterr() == ("", "error: params.yaml: strategy: got 9\n")
+
+
+class FailsToClose:
+    def __del__(self) -> None:
+        raise ValueError("a destructor's own error")
+
+
 def test_a_dropped_ctrl_c_still_ends_the_stage_as_interrupted(capsys, monkeypatch):
     monkeypatch.setattr(sys, "unraisablehook", sys.__unraisablehook__)  # a stage's, which prints; pytest's warns
     finished = []
 
     def main() -> None:
         drop_a_ctrl_c()
+        FailsToClose()
         finished.append(True)  # the interrupt was dropped: main went on
 
     with pytest.raises(SystemExit) as stopped:
         run_stage(main)
     assert stopped.value.code == 130 and finished == [True]
     errors = capsys.readouterr().err
-    assert errors.strip().splitlines() == [INTERRUPTED]  # no "Exception ignored" traceback
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # left as it was
+    assert "KeyboardInterrupt" not in errors  # no "Exception ignored" traceback for the interrupt...
+    assert "ValueError: a destructor's own error" in errors  # ...but for any other, as Python reports it
+    assert errors.strip().splitlines()[-1] == INTERRUPTED
+    # Left as it was, for whatever runs next in the process; and a next stage is not taken as interrupted.
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert sys.unraisablehook is sys.__unraisablehook__
+    run_stage(lambda: None)
 
 
 def test_a_ctrl_c_dropped_while_fitting_stops_within_the_epoch_and_keeps_the_finished_ones(tmp_path, capsys):
