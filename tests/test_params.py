@@ -5,14 +5,16 @@ from __future__ import annotations
 import shlex
 import shutil
 from pathlib import Path
+from typing import Annotated
 
 import pytest
 from dvc.utils.hydra import apply_overrides
 from helpers import ROOT, TINY_PARAMS, last_line, make_project, md5_of, run_stage, set_params
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from transfer import strategies
 from transfer.config import Strategy, load_params
-from transfer.errors import PipelineError
+from transfer.errors import PipelineError, describe_validation
 
 BAD_PARAMS = [
     ({"finetune.epoch": 3}, "finetune.epoch: unknown key (allowed: epochs, batch_size, learning_rate"),
@@ -195,3 +197,46 @@ def test_frozen_pretrain_profile_trains_only_the_head_in_pretrain(tmp_path):
     assert params.model.backbone == "inception_v3" and params.preprocess.image_size == 299
     assert strategies.describe(1, strategies.pretraining(params), "inception_v3") == "1: head only"
     assert strategies.pretraining(load_params(ROOT / "params.yaml")) is None  # the default: the whole network
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class _Inner(_Section):
+    size: int
+
+
+class _Outer(_Section):
+    """Shapes params.yaml does not have today, that describe_validation must still walk and name."""
+
+    count: int | str | None = None
+    ratio: float | str | None = None
+    flag: bool | str | None = None
+    inner: _Inner | None = None
+    inners: Annotated[list[_Inner], Field(min_length=1)] | None = None
+    checked: int = 0
+
+    @model_validator(mode="after")
+    def _small(self) -> _Outer:
+        if self.checked >= 5:  # an assert, as pydantic reports it (pytest rewrites this file's own asserts)
+            raise AssertionError("checked: at most 4")
+        return self
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    # A union's branch names ("int", "str") are not keys; the other branches' complaints are counted.
+    ({"count": []}, "count: got []: Input should be a valid integer (and 1 more problem(s))"),
+    ({"ratio": []}, "ratio: got []: Input should be a valid number (and 1 more problem(s))"),
+    ({"flag": []}, "flag: got []: Input should be a valid boolean (and 1 more problem(s))"),
+    ({"count": [], "checked": "x"}, "count: got []: Input should be a valid integer (and 2 more problem(s))"),
+    # Through an optional section, and an optional list with constraints, to the keys allowed there.
+    ({"inner": {"size": 1, "extra": 2}}, "inner.extra: unknown key (allowed: size)"),
+    ({"inners": [{"size": 1}, {"siz": 1}]}, "inners[1].size: missing (and 1 more problem(s))"),
+    ({"inners": [{"size": 1, "sizes": 1}]}, "inners[0].sizes: unknown key (allowed: size)"),
+    ({"checked": 9}, "Assertion failed, checked: at most 4"),  # a check of the whole: no key, no input
+])
+def test_describe_validation_names_the_key_through_unions_and_optional_sections(data, message):
+    with pytest.raises(ValidationError) as error:
+        _Outer.model_validate(data)
+    assert describe_validation(error.value, _Outer) == message
