@@ -5,7 +5,7 @@ from __future__ import annotations
 import shlex
 import shutil
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import pytest
 from dvc.utils.hydra import apply_overrides
@@ -213,6 +213,8 @@ class _Outer(_Section):
     count: int | str | None = None
     ratio: float | str | None = None
     flag: bool | str | None = None
+    name: str | int | None = None
+    mode: Literal["a", "b"] | int | None = None
     inner: _Inner | None = None
     inners: Annotated[list[_Inner], Field(min_length=1)] | None = None
     checked: int = 0
@@ -229,6 +231,8 @@ class _Outer(_Section):
     ({"count": []}, "count: got []: Input should be a valid integer (and 1 more problem(s))"),
     ({"ratio": []}, "ratio: got []: Input should be a valid number (and 1 more problem(s))"),
     ({"flag": []}, "flag: got []: Input should be a valid boolean (and 1 more problem(s))"),
+    ({"name": []}, "name: got []: Input should be a valid string (and 1 more problem(s))"),
+    ({"mode": []}, "mode: got []; input should be 'a' or 'b' (and 1 more problem(s))"),
     ({"count": [], "checked": "x"}, "count: got []: Input should be a valid integer (and 2 more problem(s))"),
     # Through an optional section, and an optional list with constraints, to the keys allowed there.
     ({"inner": {"size": 1, "extra": 2}}, "inner.extra: unknown key (allowed: size)"),
