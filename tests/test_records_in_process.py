@@ -173,6 +173,19 @@ def test_prepare_of_a_raw_storage_is_the_resized_image():
     assert prepare(png, Storage(16, "raw", 95)).dtype == tf.float32
 
 
+@pytest.mark.parametrize("storage", [Storage(32, "raw", 95), Storage(48, "jpeg", 80)])
+def test_prepare_makes_grey_and_transparent_pngs_rgb(storage):
+    """What `predict` and the serving graph get is not always RGB: a grey PNG is taken as its grey in all three
+    channels, an RGBA one without its alpha (JPEG has no alpha; a model has three input channels)."""
+    grey = IMAGES[5, :, :, :1]
+    alpha = np.full((32, 32, 1), 128, dtype=np.uint8)
+    as_rgb = {"grey": np.repeat(grey, 3, axis=-1), "rgba": IMAGES[5]}
+    given = {"grey": grey, "rgba": np.concatenate([IMAGES[5], alpha], axis=-1)}
+    for kind in ("grey", "rgba"):
+        expected = prepare(tf.io.encode_png(as_rgb[kind]).numpy(), storage).numpy()
+        np.testing.assert_array_equal(prepare(tf.io.encode_png(given[kind]).numpy(), storage).numpy(), expected)
+
+
 def test_labels_of_names_a_record_outside_the_split_and_a_missing_index(tmp_path):
     meta = {"image_size": 32, "encoding": "raw", "jpeg_quality": 95, "classes": {"target": ["a"]},
             "splits": {"target/train": {"count": COUNT - 1, "shards": [
