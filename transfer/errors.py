@@ -62,8 +62,8 @@ def _catch_interrupts() -> tuple[object, object] | None:
     _interrupted = False
     if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
         return None  # started with Ctrl-C ignored (nohup, a background job) or handled by the caller: leave it so
-    previous = signal.signal(signal.SIGINT, _on_interrupt), sys.unraisablehook
     default_hook = sys.unraisablehook
+    previous = signal.signal(signal.SIGINT, _on_interrupt), default_hook
 
     def quiet_about_interrupts(unraisable: sys.UnraisableHookArgs) -> None:
         if not isinstance(unraisable.exc_value, KeyboardInterrupt):  # recorded: no traceback for the user
