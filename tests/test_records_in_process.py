@@ -173,6 +173,27 @@ def test_prepare_of_a_raw_storage_is_the_resized_image():
     assert prepare(png, Storage(16, "raw", 95)).dtype == tf.float32
 
 
+def test_jpeg_quality_is_the_one_given():
+    """A lower quality is a smaller file (and a coarser image, above): the setting reaches the encoder."""
+    sizes = [len(encode(IMAGES[0], "jpeg", quality)) for quality in (10, 50, 95)]
+    assert sizes == sorted(sizes) and sizes[0] < sizes[2] / 2
+
+
+def test_an_animated_gif_is_prepared_as_its_first_frame():
+    """The serving graph takes any image bytes TensorFlow decodes: a GIF's first frame is the image, not a stack."""
+    import io
+
+    from PIL import Image  # Pillow comes with matplotlib, a dependency of the project
+
+    frames = [Image.fromarray(image).convert("P", palette=Image.Palette.ADAPTIVE, colors=64) for image in IMAGES[:2]]
+    gif = io.BytesIO()
+    frames[0].save(gif, format="GIF", save_all=True, append_images=frames[1:])
+    first = np.asarray(Image.open(io.BytesIO(gif.getvalue())).convert("RGB"))
+    storage = Storage(48, "raw", 95)
+    np.testing.assert_array_equal(prepare(gif.getvalue(), storage).numpy(),
+                                  prepare(tf.io.encode_png(first).numpy(), storage).numpy())
+
+
 @pytest.mark.parametrize("storage", [Storage(32, "raw", 95), Storage(48, "jpeg", 80)])
 def test_prepare_makes_grey_and_transparent_pngs_rgb(storage):
     """What `predict` and the serving graph get is not always RGB: a grey PNG is taken as its grey in all three
