@@ -232,8 +232,8 @@ def test_labels_of_names_a_record_outside_the_split_and_a_missing_index(tmp_path
 def last_record_start(shard: bytes) -> int:
     """Where a TFRecord file's last record starts: each is its length (8 bytes), their CRC (4), data, its CRC (4)."""
     start = 0
-    while start + 16 + int.from_bytes(shard[start:start + 8], "little") < len(shard):
-        start += 16 + int.from_bytes(shard[start:start + 8], "little")
+    while (end := start + 16 + int.from_bytes(shard[start:start + 8], "little")) < len(shard):
+        start = end
     return start
 
 
